@@ -1,0 +1,37 @@
+/// @file
+/// @brief argument_error: the one exception headwise throws for bad input, before any work.
+#pragma once
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace headwise {
+
+/// Thrown for every bad argument, before any work is done and before the output is touched.
+/// what() names the function, the argument, what was expected and what was given.
+class argument_error : public std::invalid_argument {
+ public:
+  argument_error(const std::string& function, const std::string& argument, const std::string& expected,
+                 const std::string& given)
+      : std::invalid_argument(function + ": argument '" + argument + "': expected " + expected +
+                              ", got " + given),
+        argument_(argument) {}
+
+  /// The name of the offending argument (e.g. "k.shape[2]", "options.window_left").
+  [[nodiscard]] const std::string& argument() const noexcept { return argument_; }
+
+ private:
+  std::string argument_;
+};
+
+namespace detail {
+template <class T>
+std::string to_text(const T& v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+}  // namespace detail
+
+}  // namespace headwise

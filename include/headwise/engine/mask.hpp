@@ -1,0 +1,93 @@
+/// @file
+/// @brief Mask policies with CUTLASS-style trip counts: which KV tiles a block of query
+/// positions visits, which of them are full (unmasked fast path) and the per-lane bounds
+/// applied on the boundary tiles.
+///
+/// A mask policy provides
+///   for_each_tile(p0, p1, block_kv, f): calls f(key0, n, full) over the key tiles that any
+///       query position in [p0, p1) can see, in increasing key order; full == true means every
+///       key of the tile is visible to every position (no element masking).
+///   lane_bounds(pos) -> {lo, hi}: key j is visible to pos iff j <= hi && (j >= lo || j < sinks)
+///   sinks(): the sink-token count.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace headwise::engine {
+
+inline constexpr std::int64_t unbounded_lo = std::numeric_limits<std::int64_t>::min() / 4;
+inline constexpr std::int64_t unbounded_hi = std::numeric_limits<std::int64_t>::max() / 4;
+
+struct key_bounds {
+  std::int64_t lo, hi;
+};
+
+/// Every key visible: all tiles are full.
+struct no_mask {
+  std::int64_t seq_kv = 0;
+  static constexpr bool needs_masking = false;
+
+  template <class F>
+  void for_each_tile(std::int64_t /*p0*/, std::int64_t /*p1*/, std::int64_t block_kv, F&& f) const {
+    for (std::int64_t a = 0; a < seq_kv; a += block_kv) f(a, std::min(block_kv, seq_kv - a), true);
+  }
+  [[nodiscard]] key_bounds lane_bounds(std::int64_t /*pos*/) const noexcept { return {unbounded_lo, unbounded_hi}; }
+  [[nodiscard]] std::int64_t sinks() const noexcept { return 0; }
+};
+
+/// The band around the diagonal d(i) = i + offset: causal (either alignment), sliding window
+/// (left, right) and sink tokens, in one policy:
+///   visible(i, j) = j <= d(i) + right && (j >= d(i) - left || j < sink_tokens),  0 <= j < seq_kv
+/// with right = 0 for causal and left/right unbounded when -1.
+struct band_mask {
+  std::int64_t seq_kv = 0;
+  std::int64_t offset = 0;  ///< seq_kv - seq_q for bottom-right alignment, 0 for top-left
+  std::int64_t left = -1;   ///< -1: unbounded
+  std::int64_t right = -1;  ///< -1: unbounded
+  std::int64_t sink_tokens = 0;
+  static constexpr bool needs_masking = true;
+
+  [[nodiscard]] std::int64_t lo(std::int64_t i) const noexcept {
+    return left < 0 ? unbounded_lo : i + offset - left;
+  }
+  [[nodiscard]] std::int64_t hi(std::int64_t i) const noexcept {
+    return right < 0 ? unbounded_hi : i + offset + right;
+  }
+  [[nodiscard]] key_bounds lane_bounds(std::int64_t pos) const noexcept { return {lo(pos), hi(pos)}; }
+  [[nodiscard]] std::int64_t sinks() const noexcept { return sink_tokens; }
+
+  template <class F>
+  void for_each_tile(std::int64_t p0, std::int64_t p1, std::int64_t block_kv, F&& f) const {
+    // lo and hi grow with i, so the block's union is [lo(p0), hi(p1-1)] (+ sinks) and the keys
+    // visible to all of it are [lo(p1-1), hi(p0)] (+ sinks up to hi(p0)).
+    const std::int64_t lo_min = lo(p0), lo_max = lo(p1 - 1);
+    const std::int64_t hi_min = hi(p0), hi_max = hi(p1 - 1);
+    const std::int64_t end = std::min(hi_max + 1, seq_kv);
+    if (end <= 0) return;
+    const std::int64_t sink_end = std::min(sink_tokens, end);
+    const std::int64_t win_begin = std::max<std::int64_t>(lo_min, 0);
+    // Split a visited interval where "full" can change, then cut the pieces into tiles.
+    auto visit = [&](std::int64_t a, std::int64_t b) {
+      std::int64_t cuts[5] = {a, lo_max, hi_min + 1, sink_tokens, b};
+      std::sort(cuts + 1, cuts + 4);
+      std::int64_t x = a;
+      for (int c = 1; c < 5; ++c) {
+        const std::int64_t y = std::clamp(cuts[c], a, b);
+        if (y <= x) continue;
+        const bool full = y <= hi_min + 1 && (x >= lo_max || y <= sink_tokens);
+        for (std::int64_t t = x; t < y; t += block_kv) f(t, std::min(block_kv, y - t), full);
+        x = y;
+      }
+    };
+    if (sink_end >= win_begin) {
+      visit(0, end);
+    } else {
+      if (sink_end > 0) visit(0, sink_end);
+      if (win_begin < end) visit(win_begin, end);
+    }
+  }
+};
+
+}  // namespace headwise::engine

@@ -1,0 +1,7 @@
+/// @file
+/// @brief headwise umbrella header: the public API. The fp64 references live in
+/// <headwise/reference/attention.hpp> and are not included here.
+#pragma once
+
+#include "core/core.hpp"
+#include "variants/attention.hpp"

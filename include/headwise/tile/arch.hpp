@@ -1,0 +1,47 @@
+/// @file
+/// @brief The SIMD architecture the kernels are compiled for, and its register-blocking shape.
+#pragma once
+
+#include <cstddef>
+#include <type_traits>
+#include <xsimd/xsimd.hpp>
+
+namespace headwise::tile {
+
+/// Compile-time architecture: the best the translation unit's flags allow (-march=native by
+/// default). One instantiation per TU; no runtime dispatch inside the library.
+using default_arch = xsimd::default_arch;
+
+template <class Arch>
+inline constexpr bool is_avx512_v =
+#if XSIMD_WITH_AVX512F
+    std::is_base_of_v<xsimd::avx512f, Arch>;
+#else
+    false;
+#endif
+
+template <class Arch>
+inline constexpr bool is_avx2_v =
+#if XSIMD_WITH_AVX2
+    std::is_base_of_v<xsimd::avx2, Arch> && !is_avx512_v<Arch>;
+#else
+    false;
+#endif
+
+/// Register budget and microkernel blocking for one architecture. The accumulators of both
+/// microkernels are (keys_or_dims x vecs) vectors; with 32 registers (AVX-512) 6x4 = 24
+/// accumulators + 4 operand vectors + 1 broadcast fit, with 16 (AVX2, SSE) 6x2 = 12 + 2 + 1.
+template <class Arch>
+struct arch_traits {
+  using batch = xsimd::batch<float, Arch>;
+  static constexpr int lanes = static_cast<int>(batch::size);
+  static constexpr int vregs = is_avx512_v<Arch> ? 32 : 16;
+  static constexpr int rows_blk = 6;                    ///< keys (QK) or value dims (PV) per block
+  static constexpr int vecs_blk = vregs >= 32 ? 4 : 2;  ///< lane vectors per block
+  static constexpr std::size_t alignment = Arch::alignment();
+};
+
+/// Rounds n up to a multiple of m (m > 0).
+constexpr std::ptrdiff_t round_up(std::ptrdiff_t n, std::ptrdiff_t m) noexcept { return (n + m - 1) / m * m; }
+
+}  // namespace headwise::tile

@@ -1,0 +1,132 @@
+/// @file
+/// @brief The two register-blocked microkernels, S = Q·Kᵀ and O = α·O + P·V, lanes = query rows.
+///
+/// Layout ("query-lane"): the query rows of a work item (query positions x the query heads of
+/// one KV group) run across SIMD lanes. Q is packed once per work item D-major, Q_buf[d][r];
+/// S and P are key-major, S_buf[j][r]; O is accumulated dim-major, O_buf[c][r]. K and V are
+/// read in place, row by row: each K[j][d] and V[j][c] is one broadcast FMA operand, shared by
+/// every lane (every query row and every query head of the group). No horizontal reduction,
+/// no K/V transposition, and no tails on dim_qk / dim_v: only the lane count is padded.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <utility>
+
+#include "arch.hpp"
+
+namespace headwise::tile {
+
+/// Register tile of Rows x Vecs float vectors (shape in the type, as ThunderKittens' rt).
+template <int Rows, int Vecs, class Arch>
+struct reg_tile {
+  static_assert(Rows > 0 && Vecs > 0, "reg_tile: empty shape");
+  using batch = xsimd::batch<float, Arch>;
+  static constexpr int rows = Rows;
+  static constexpr int vecs = Vecs;
+  batch v[Rows][Vecs];
+};
+
+/// S_buf[j][r] = Σ_d K[j][d] · Q_buf[d][r] for Rows keys and Vecs lane vectors.
+/// s: (Rows, ld_s) key-major; k: Rows rows of dim_qk at stride ld_k; q: (dim_qk, ld_q) aligned.
+template <int Rows, int Vecs, class Arch>
+inline void mma_abt(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_t ld_k, const float* q,
+                    std::ptrdiff_t ld_q, std::ptrdiff_t dim_qk) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::ptrdiff_t w = B::size;
+  reg_tile<Rows, Vecs, Arch> acc;  // (Rows keys, Vecs·lanes query rows)
+  for (int r = 0; r < Rows; ++r)
+    for (int v = 0; v < Vecs; ++v) acc.v[r][v] = B(0.0f);
+  for (std::ptrdiff_t d = 0; d < dim_qk; ++d) {
+    B q_reg[Vecs];  // (1, Vecs·lanes)
+    for (int v = 0; v < Vecs; ++v) q_reg[v] = B::load_aligned(q + d * ld_q + v * w);
+    for (int r = 0; r < Rows; ++r) {
+      const B k_bc(k[r * ld_k + d]);  // broadcast K[j][d]
+      for (int v = 0; v < Vecs; ++v) acc.v[r][v] = xsimd::fma(k_bc, q_reg[v], acc.v[r][v]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int v = 0; v < Vecs; ++v) acc.v[r][v].store_aligned(s + r * ld_s + v * w);
+}
+
+/// O_buf[c][r] = α[r]·O_buf[c][r] + Σ_j V[j][c] · P_buf[j][r] for Rows value dims c and Vecs
+/// lane vectors, over n keys. o: (Rows, ld_o) aligned; v: n rows at stride ld_v (offset to
+/// the first dim c); p: (n, ld_p) aligned; alpha: lanes (aligned), the running-max rescale.
+template <int Rows, int Vecs, class Arch>
+inline void mma_ab(float* o, std::ptrdiff_t ld_o, const float* alpha, const float* v, std::ptrdiff_t ld_v,
+                   const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::ptrdiff_t w = B::size;
+  reg_tile<Rows, Vecs, Arch> acc;  // (Rows dims, Vecs·lanes query rows)
+  {
+    B a_reg[Vecs];
+    for (int u = 0; u < Vecs; ++u) a_reg[u] = B::load_aligned(alpha + u * w);
+    for (int r = 0; r < Rows; ++r)
+      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = B::load_aligned(o + r * ld_o + u * w) * a_reg[u];
+  }
+  for (std::ptrdiff_t j = 0; j < n; ++j) {
+    B p_reg[Vecs];  // (1, Vecs·lanes)
+    for (int u = 0; u < Vecs; ++u) p_reg[u] = B::load_aligned(p + j * ld_p + u * w);
+    for (int r = 0; r < Rows; ++r) {
+      const B v_bc(v[j * ld_v + r]);  // broadcast V[j][c]
+      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = xsimd::fma(v_bc, p_reg[u], acc.v[r][u]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int u = 0; u < Vecs; ++u) acc.v[r][u].store_aligned(o + r * ld_o + u * w);
+}
+
+namespace detail {
+using mma_abt_fn = void (*)(float*, std::ptrdiff_t, const float*, std::ptrdiff_t, const float*, std::ptrdiff_t,
+                            std::ptrdiff_t) noexcept;
+using mma_ab_fn = void (*)(float*, std::ptrdiff_t, const float*, const float*, std::ptrdiff_t, const float*,
+                           std::ptrdiff_t, std::ptrdiff_t) noexcept;
+
+template <class Arch, int MaxRows, int MaxVecs, std::size_t... I>
+constexpr std::array<mma_abt_fn, sizeof...(I)> make_abt(std::index_sequence<I...>) {
+  return {&mma_abt<static_cast<int>(I) / MaxVecs + 1, static_cast<int>(I) % MaxVecs + 1, Arch>...};
+}
+template <class Arch, int MaxRows, int MaxVecs, std::size_t... I>
+constexpr std::array<mma_ab_fn, sizeof...(I)> make_ab(std::index_sequence<I...>) {
+  return {&mma_ab<static_cast<int>(I) / MaxVecs + 1, static_cast<int>(I) % MaxVecs + 1, Arch>...};
+}
+}  // namespace detail
+
+/// S = Q·Kᵀ over a whole tile: n keys x nvec lane vectors, blocked by arch_traits (full blocks
+/// take the widest kernel, edges a narrower instantiation).
+template <class Arch>
+inline void qk_tile(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_t ld_k, const float* q,
+                    std::ptrdiff_t ld_q, std::ptrdiff_t dim_qk, std::ptrdiff_t n, std::ptrdiff_t nvec) noexcept {
+  using T = arch_traits<Arch>;
+  constexpr int R = T::rows_blk, V = T::vecs_blk;
+  static constexpr auto table = detail::make_abt<Arch, R, V>(std::make_index_sequence<R * V>{});
+  for (std::ptrdiff_t v0 = 0; v0 < nvec; v0 += V) {
+    const std::ptrdiff_t nv = std::min<std::ptrdiff_t>(V, nvec - v0);
+    for (std::ptrdiff_t j0 = 0; j0 < n; j0 += R) {
+      const std::ptrdiff_t nr = std::min<std::ptrdiff_t>(R, n - j0);
+      table[static_cast<std::size_t>((nr - 1) * V + (nv - 1))](s + j0 * ld_s + v0 * T::lanes, ld_s, k + j0 * ld_k,
+                                                               ld_k, q + v0 * T::lanes, ld_q, dim_qk);
+    }
+  }
+}
+
+/// O = α·O + P·V over a whole tile: dim_v dims x nvec lane vectors, n keys.
+template <class Arch>
+inline void pv_tile(float* o, std::ptrdiff_t ld_o, const float* alpha, const float* v, std::ptrdiff_t ld_v,
+                    const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t dim_v, std::ptrdiff_t n,
+                    std::ptrdiff_t nvec) noexcept {
+  using T = arch_traits<Arch>;
+  constexpr int R = T::rows_blk, V = T::vecs_blk;
+  static constexpr auto table = detail::make_ab<Arch, R, V>(std::make_index_sequence<R * V>{});
+  for (std::ptrdiff_t v0 = 0; v0 < nvec; v0 += V) {
+    const std::ptrdiff_t nv = std::min<std::ptrdiff_t>(V, nvec - v0);
+    for (std::ptrdiff_t c0 = 0; c0 < dim_v; c0 += R) {
+      const std::ptrdiff_t nr = std::min<std::ptrdiff_t>(R, dim_v - c0);
+      table[static_cast<std::size_t>((nr - 1) * V + (nv - 1))](o + c0 * ld_o + v0 * T::lanes, ld_o,
+                                                               alpha + v0 * T::lanes, v + c0, ld_v,
+                                                               p + v0 * T::lanes, ld_p, n);
+    }
+  }
+}
+
+}  // namespace headwise::tile

@@ -1,0 +1,113 @@
+/// @file
+/// @brief Online softmax over key-major score tiles (lanes = query rows): update and finalize.
+///
+/// Scores arrive in the log2 domain (the scale·log2(e) factor is folded into the packed Q), so
+/// the state per lane is (m, l) with m the running max of s·log2(e) and l = Σ 2^(s - m).
+/// A lane that has seen no visible key has m = -inf, l = 0; exp2 is then evaluated against
+/// 0 instead of -inf so that -inf - -inf never makes a NaN.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "arch.hpp"
+#include "exp.hpp"
+
+namespace headwise::tile {
+
+/// One online-softmax step over a (n, ld_s) key-major tile, nvec lane vectors:
+///   m' = max(m, max_j S[j]);  α = 2^(m - m');  P[j] = 2^(S[j] - m');  l' = α·l + Σ_j P[j].
+/// S is overwritten by P. m, l, alpha are aligned lane arrays.
+template <class Arch>
+inline void softmax_update(float* s, std::ptrdiff_t ld_s, std::ptrdiff_t n, std::ptrdiff_t nvec, float* m,
+                           float* l, float* alpha) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::ptrdiff_t w = B::size;
+  const B neg_inf(-std::numeric_limits<float>::infinity());
+  for (std::ptrdiff_t v = 0; v < nvec; ++v) {
+    float* sv = s + v * w;
+    // Row max: vertical, four independent chains.
+    B mx0 = neg_inf, mx1 = neg_inf, mx2 = neg_inf, mx3 = neg_inf;
+    std::ptrdiff_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      mx0 = xsimd::max(mx0, B::load_aligned(sv + (j + 0) * ld_s));
+      mx1 = xsimd::max(mx1, B::load_aligned(sv + (j + 1) * ld_s));
+      mx2 = xsimd::max(mx2, B::load_aligned(sv + (j + 2) * ld_s));
+      mx3 = xsimd::max(mx3, B::load_aligned(sv + (j + 3) * ld_s));
+    }
+    for (; j < n; ++j) mx0 = xsimd::max(mx0, B::load_aligned(sv + j * ld_s));
+    const B m_old = B::load_aligned(m + v * w);
+    const B m_new = xsimd::max(xsimd::max(mx0, mx1), xsimd::max(xsimd::max(mx2, mx3), m_old));
+    const B m_ref = xsimd::select(m_new == neg_inf, B(0.0f), m_new);  // -inf - -inf guard
+    const B a = exp2_softmax<Arch>(m_old - m_ref);
+    // P = 2^(S - m'), Σ P: two independent sums.
+    B sum0(0.0f), sum1(0.0f);
+    j = 0;
+    for (; j + 2 <= n; j += 2) {
+      const B p0 = exp2_softmax<Arch>(B::load_aligned(sv + j * ld_s) - m_ref);
+      const B p1 = exp2_softmax<Arch>(B::load_aligned(sv + (j + 1) * ld_s) - m_ref);
+      p0.store_aligned(sv + j * ld_s);
+      p1.store_aligned(sv + (j + 1) * ld_s);
+      sum0 += p0;
+      sum1 += p1;
+    }
+    for (; j < n; ++j) {
+      const B p0 = exp2_softmax<Arch>(B::load_aligned(sv + j * ld_s) - m_ref);
+      p0.store_aligned(sv + j * ld_s);
+      sum0 += p0;
+    }
+    const B l_new = xsimd::fma(a, B::load_aligned(l + v * w), sum0 + sum1);
+    l_new.store_aligned(l + v * w);
+    m_new.store_aligned(m + v * w);
+    a.store_aligned(alpha + v * w);
+  }
+}
+
+/// Final normalisation of one lane: 1/l (0 for a lane with no visible key, so O = 0) and the
+/// natural-log LSE = (m + log2 l)·ln 2 (-inf for such a lane).
+struct softmax_result {
+  float inv_l;
+  float lse;
+};
+inline softmax_result softmax_finalize(float m, float l) noexcept {
+  if (!(l > 0.0f)) return {0.0f, -std::numeric_limits<float>::infinity()};
+  constexpr double ln2 = 0.693147180559945309417;
+  return {1.0f / l, static_cast<float>((static_cast<double>(m) + std::log2(static_cast<double>(l))) * ln2)};
+}
+
+/// S <- c·tanh(S / cap) on a (n, ld_s) tile, with c = cap·log2(e): logit softcap applied to
+/// scaled logits, moving them into the log2 domain.
+template <class Arch>
+inline void softcap_tile(float* s, std::ptrdiff_t ld_s, std::ptrdiff_t n, std::ptrdiff_t nvec, float cap) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::ptrdiff_t w = B::size;
+  constexpr float log2e = 1.4426950408889634f;
+  const B inv(1.0f / cap), c(cap * log2e);
+  for (std::ptrdiff_t j = 0; j < n; ++j)
+    for (std::ptrdiff_t v = 0; v < nvec; ++v) {
+      float* p = s + j * ld_s + v * w;
+      (c * xsimd::tanh(B::load_aligned(p) * inv)).store_aligned(p);
+    }
+}
+
+/// Band mask on a (n, ld_s) tile whose first key has index 0 relative to the arrays: key jj is
+/// visible to lane r iff jj <= hi[r] && (jj >= lo[r] || jj < sink). lo/hi are per-lane float
+/// bounds relative to the tile start (clamped to [-1, n], so exact); hidden scores become -inf.
+template <class Arch>
+inline void band_mask_tile(float* s, std::ptrdiff_t ld_s, std::ptrdiff_t n, std::ptrdiff_t nvec, const float* lo,
+                           const float* hi, std::ptrdiff_t sink) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::ptrdiff_t w = B::size;
+  const B neg_inf(-std::numeric_limits<float>::infinity());
+  for (std::ptrdiff_t v = 0; v < nvec; ++v) {
+    const B lo_v = B::load_aligned(lo + v * w), hi_v = B::load_aligned(hi + v * w);
+    for (std::ptrdiff_t j = 0; j < n; ++j) {
+      float* p = s + j * ld_s + v * w;
+      const B jj(static_cast<float>(j));
+      const auto keep = j < sink ? (jj <= hi_v) : ((jj <= hi_v) && (jj >= lo_v));
+      xsimd::select(keep, B::load_aligned(p), neg_inf).store_aligned(p);
+    }
+  }
+}
+
+}  // namespace headwise::tile

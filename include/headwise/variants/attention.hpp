@@ -1,0 +1,190 @@
+/// @file
+/// @brief Dense attention: MHA, GQA, MQA and SQA (by head counts), reverse SQA (tile head
+/// map), with causal alignments, sliding window, sink tokens, sink logits, softcap and LSE.
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <type_traits>
+
+#include "../core/checks.hpp"
+#include "../core/dtype.hpp"
+#include "../core/options.hpp"
+#include "../engine/engine.hpp"
+
+namespace headwise {
+
+namespace detail {
+
+/// Validates the arguments of a dense attention call; returns the resolved problem.
+template <class KV>
+engine::problem<KV> check_attention(const checker& c, tensor_view<const float, 4> q, tensor_view<const KV, 4> k,
+                                    tensor_view<const KV, 4> v, tensor_view<float, 4> out,
+                                    const attention_options& opt, tensor_view<float, 3> lse) {
+  static_assert(is_kv_dtype_v<KV>, "headwise: K/V storage must be float, headwise::bf16 or headwise::f16");
+  c.view(q, "q", {1, 0, 1, 1}, {"batch", "seq_q", "heads_q", "dim_qk"});
+  c.view(k, "k", {1, 0, 1, 1}, {"batch", "seq_kv", "heads_kv", "dim_qk"});
+  c.view(v, "v", {1, 0, 1, 1}, {"batch", "seq_kv", "heads_kv", "dim_v"});
+  c.view(out, "out", {1, 0, 1, 1}, {"batch", "seq_q", "heads_out", "dim_v"});
+  const std::int64_t batch = q.shape[0], seq_q = q.shape[1], heads_q = q.shape[2], dim_qk = q.shape[3];
+  const std::int64_t seq_kv = k.shape[1], heads_kv = k.shape[2], dim_v = v.shape[3];
+  c.equal(k.shape[0], batch, "k.shape[0] (batch)", "q.shape[0]");
+  c.equal(v.shape[0], batch, "v.shape[0] (batch)", "q.shape[0]");
+  c.equal(out.shape[0], batch, "out.shape[0] (batch)", "q.shape[0]");
+  c.equal(k.shape[3], dim_qk, "k.shape[3] (dim_qk)", "q.shape[3]");
+  c.equal(v.shape[1], seq_kv, "v.shape[1] (seq_kv)", "k.shape[1]");
+  c.equal(v.shape[2], heads_kv, "v.shape[2] (heads_kv)", "k.shape[2]");
+  c.equal(out.shape[1], seq_q, "out.shape[1] (seq_q)", "q.shape[1]");
+  c.equal(out.shape[3], dim_v, "out.shape[3] (dim_v)", "v.shape[3]");
+  if (opt.heads == head_map::interleave) {
+    c.require(heads_q % heads_kv == 0, "k.shape[2] (heads_kv)",
+              "a divisor of heads_q = " + to_text(heads_q) +
+                  " for head_map::interleave (use head_map::tile for heads_kv > heads_q, reverse SQA)",
+              to_text(heads_kv));
+  } else {
+    const std::int64_t hi = std::max(heads_q, heads_kv), lo = std::min(heads_q, heads_kv);
+    c.require(hi % lo == 0, "k.shape[2] (heads_kv)",
+              "heads_q and heads_kv where one divides the other for head_map::tile",
+              "heads_q = " + to_text(heads_q) + ", heads_kv = " + to_text(heads_kv));
+  }
+  const engine::head_mapper heads = engine::head_mapper::make(opt.heads, heads_q, heads_kv);
+  c.equal(out.shape[2], heads.heads_out, "out.shape[2] (heads_out)",
+          opt.heads == head_map::interleave ? "heads_q" : "max(heads_q, heads_kv)");
+  if (!lse.absent()) {
+    c.view(lse, "lse", {1, 1, 0}, {"batch", "heads_out", "seq_q"});
+    c.equal(lse.shape[0], batch, "lse.shape[0] (batch)", "q.shape[0]");
+    c.equal(lse.shape[1], heads.heads_out, "lse.shape[1] (heads_out)", "out.shape[2]");
+    c.equal(lse.shape[2], seq_q, "lse.shape[2] (seq_q)", "q.shape[1]");
+  }
+  // Options.
+  if (opt.scale) c.require(std::isfinite(*opt.scale), "options.scale", "a finite value", to_text(*opt.scale));
+  c.require(std::isfinite(opt.softcap) && opt.softcap >= 0.0f, "options.softcap", "a finite value >= 0 (0 = off)",
+            to_text(opt.softcap));
+  c.require(opt.window_left >= -1, "options.window_left", ">= -1 (-1 = unbounded)", to_text(opt.window_left));
+  c.require(opt.window_right >= -1, "options.window_right", ">= -1 (-1 = unbounded)", to_text(opt.window_right));
+  c.require(opt.causal == causal_mode::none || opt.window_right <= 0, "options.window_right",
+            "-1 or 0 with a causal mask", to_text(opt.window_right));
+  c.require(opt.sink_tokens >= 0, "options.sink_tokens", ">= 0", to_text(opt.sink_tokens));
+  c.require(opt.num_threads >= 0, "options.num_threads", ">= 0 (0 = OpenMP default)", to_text(opt.num_threads));
+  c.require(opt.causal == causal_mode::none || opt.causal == causal_mode::bottom_right ||
+                opt.causal == causal_mode::top_left,
+            "options.causal", "none, bottom_right or top_left", to_text(static_cast<int>(opt.causal)));
+  c.require(opt.heads == head_map::interleave || opt.heads == head_map::tile, "options.heads",
+            "interleave or tile", to_text(static_cast<int>(opt.heads)));
+  if (!opt.sink_logits.absent()) {
+    c.view(opt.sink_logits, "options.sink_logits", {1}, {"heads_out"});
+    c.equal(opt.sink_logits.shape[0], heads.heads_out, "options.sink_logits.shape[0] (heads_out)",
+            "out.shape[2]");
+    for (std::int64_t h = 0; h < heads.heads_out; ++h) {
+      const float s = opt.sink_logits(h);
+      c.require(!std::isnan(s) && s != INFINITY, "options.sink_logits[" + to_text(h) + "]",
+                "a finite value or -inf (no sink)", to_text(s));
+    }
+  }
+  // Aliasing: outputs may not overlap inputs or each other (V may alias K).
+  c.no_self_overlap(out, "out");
+  c.no_alias(out, "out", q, "q");
+  c.no_alias(out, "out", k, "k");
+  c.no_alias(out, "out", v, "v");
+  c.no_alias(out, "out", opt.sink_logits, "options.sink_logits");
+  if (!lse.absent()) {
+    c.no_self_overlap(lse, "lse");
+    c.no_alias(lse, "lse", out, "out");
+    c.no_alias(lse, "lse", q, "q");
+    c.no_alias(lse, "lse", k, "k");
+    c.no_alias(lse, "lse", v, "v");
+    c.no_alias(lse, "lse", opt.sink_logits, "options.sink_logits");
+  }
+
+  engine::problem<KV> pb;
+  pb.q = q;
+  pb.k = k;
+  pb.v = v;
+  pb.out = out;
+  pb.lse = lse;
+  pb.sink_logits = opt.sink_logits;
+  pb.heads = heads;
+  pb.batch = batch;
+  pb.seq_q = seq_q;
+  pb.seq_kv = seq_kv;
+  pb.dim_qk = dim_qk;
+  pb.dim_v = dim_v;
+  pb.scale = opt.scale ? *opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(dim_qk)));
+  return pb;
+}
+
+/// The band mask the options describe; the diagonal is bottom-right aligned unless top_left.
+inline engine::band_mask make_band(const attention_options& opt, std::int64_t seq_q, std::int64_t seq_kv) {
+  engine::band_mask m;
+  m.seq_kv = seq_kv;
+  m.offset = opt.causal == causal_mode::top_left ? 0 : seq_kv - seq_q;
+  m.left = opt.window_left;
+  m.right = opt.causal != causal_mode::none ? 0 : opt.window_right;
+  m.sink_tokens = opt.sink_tokens;
+  return m;
+}
+
+/// Picks the mask and score policies (compile-time fast paths) and runs the engine.
+template <class Arch, class KV>
+void run_attention(const engine::problem<KV>& pb, const attention_options& opt, const engine::blocking& blk) {
+  const bool banded = opt.causal != causal_mode::none || opt.window_left >= 0 || opt.window_right >= 0;
+  auto with_score = [&](const auto& mask) {
+    if (opt.softcap > 0.0f) {
+      engine::run<Arch>(pb, mask, engine::softcap_score{opt.softcap}, blk, opt.num_threads);
+    } else {
+      engine::run<Arch>(pb, mask, engine::plain_score{}, blk, opt.num_threads);
+    }
+  };
+  if (banded) {
+    with_score(make_band(opt, pb.seq_q, pb.seq_kv));
+  } else {
+    with_score(engine::no_mask{pb.seq_kv});
+  }
+}
+
+template <class T>
+using kv_storage_t = std::remove_const_t<T>;
+
+}  // namespace detail
+
+/// Default work decomposition for this architecture (lanes per work item, keys per tile).
+template <class Arch = tile::default_arch>
+engine::blocking default_blocking() noexcept {
+  return engine::blocking{64, 64};
+}
+
+/// Scaled dot-product attention, FlashAttention-style, on [batch, seq, heads, dim] views:
+///   out[b,i,h] = Σ_j softmax_j(scale·q[b,i,h]·k[b,j,g(h)] + mask) v[b,j,g(h)]
+/// q: (batch, seq_q, heads_q, dim_qk) f32; k: (batch, seq_kv, heads_kv, dim_qk) and
+/// v: (batch, seq_kv, heads_kv, dim_v) in f32, bf16 or f16 (v may alias a prefix of k);
+/// out: (batch, seq_q, heads_out, dim_v) f32; lse (optional): (batch, heads_out, seq_q), natural
+/// log. MHA, GQA, MQA and SQA follow from the head counts; see attention_options for the rest.
+/// Rows with no visible key give out = 0, lse = -inf. Throws argument_error before any work.
+template <class KT, class VT>
+void attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_view<VT, 4> v,
+               tensor_view<float, 4> out, const attention_options& options = {},
+               tensor_view<float, 3> lse = {}) {
+  using KV = detail::kv_storage_t<KT>;
+  static_assert(std::is_same_v<KV, detail::kv_storage_t<VT>>, "headwise::attention: k and v must share a dtype");
+  const detail::checker c("headwise::attention");
+  const auto pb = detail::check_attention<KV>(c, q, tensor_view<const KV, 4>(k), tensor_view<const KV, 4>(v), out,
+                                              options, lse);
+  detail::run_attention<tile::default_arch>(pb, options, default_blocking());
+}
+
+/// attention() with an explicit work decomposition (benchmarks and tuning).
+template <class KT, class VT>
+void attention_blocked(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_view<VT, 4> v,
+                       tensor_view<float, 4> out, const attention_options& options, tensor_view<float, 3> lse,
+                       const engine::blocking& blk) {
+  using KV = detail::kv_storage_t<KT>;
+  const detail::checker c("headwise::attention");
+  detail::checker("headwise::attention_blocked")
+      .require(blk.rows >= 1 && blk.block_kv >= 1, "blk", "rows >= 1 and block_kv >= 1",
+               std::to_string(blk.rows) + ", " + std::to_string(blk.block_kv));
+  const auto pb = detail::check_attention<KV>(c, q, tensor_view<const KV, 4>(k), tensor_view<const KV, 4>(v), out,
+                                              options, lse);
+  detail::run_attention<tile::default_arch>(pb, options, blk);
+}
+
+}  // namespace headwise

@@ -68,17 +68,14 @@ struct band_mask {
     if (end <= 0) return;
     const std::int64_t sink_end = std::min(sink_tokens, end);
     const std::int64_t win_begin = std::max<std::int64_t>(lo_min, 0);
-    // Split a visited interval where "full" can change, then cut the pieces into tiles.
+    // Cut a visited interval into block_kv tiles from its start; a tile is full when every key
+    // in it is visible to every position (tiles straddling a bound take the masked path, so
+    // no tile is ever cut short at a bound).
     auto visit = [&](std::int64_t a, std::int64_t b) {
-      std::int64_t cuts[5] = {a, lo_max, hi_min + 1, sink_tokens, b};
-      std::sort(cuts + 1, cuts + 4);
-      std::int64_t x = a;
-      for (int c = 1; c < 5; ++c) {
-        const std::int64_t y = std::clamp(cuts[c], a, b);
-        if (y <= x) continue;
-        const bool full = y <= hi_min + 1 && (x >= lo_max || y <= sink_tokens);
-        for (std::int64_t t = x; t < y; t += block_kv) f(t, std::min(block_kv, y - t), full);
-        x = y;
+      for (std::int64_t t = a; t < b; t += block_kv) {
+        const std::int64_t u = std::min(b, t + block_kv);
+        const bool full = u <= hi_min + 1 && (t >= lo_max || u <= sink_tokens);
+        f(t, u - t, full);
       }
     };
     if (sink_end >= win_begin) {

@@ -13,6 +13,12 @@
 #include "arch.hpp"
 #include "exp.hpp"
 
+// GCC 12 flags xsimd 8.1's AVX-512 max (built on _mm512_undefined_ps) as maybe-uninitialized.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace headwise::tile {
 
 /// One online-softmax step over a (n, ld_s) key-major tile, nvec lane vectors:
@@ -111,3 +117,7 @@ inline void band_mask_tile(float* s, std::ptrdiff_t ld_s, std::ptrdiff_t n, std:
 }
 
 }  // namespace headwise::tile
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

@@ -15,6 +15,14 @@
 
 #include "arch.hpp"
 
+#if defined(__clang__)
+#define HEADWISE_UNROLL _Pragma("clang loop unroll(full)")
+#elif defined(__GNUC__)
+#define HEADWISE_UNROLL _Pragma("GCC unroll 16")
+#else
+#define HEADWISE_UNROLL
+#endif
+
 namespace headwise::tile {
 
 /// Register tile of Rows x Vecs float vectors (shape in the type, as ThunderKittens' rt).
@@ -34,19 +42,26 @@ inline void mma_abt(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_
                     std::ptrdiff_t ld_q, std::ptrdiff_t dim_qk) noexcept {
   using B = xsimd::batch<float, Arch>;
   constexpr std::ptrdiff_t w = B::size;
-  reg_tile<Rows, Vecs, Arch> acc;  // (Rows keys, Vecs·lanes query rows)
+  B acc[Rows][Vecs];  // (Rows keys, Vecs·lanes query rows): a reg_tile's registers
+  HEADWISE_UNROLL
   for (int r = 0; r < Rows; ++r)
-    for (int v = 0; v < Vecs; ++v) acc.v[r][v] = B(0.0f);
+    HEADWISE_UNROLL
+    for (int v = 0; v < Vecs; ++v) acc[r][v] = B(0.0f);
   for (std::ptrdiff_t d = 0; d < dim_qk; ++d) {
     B q_reg[Vecs];  // (1, Vecs·lanes)
+    HEADWISE_UNROLL
     for (int v = 0; v < Vecs; ++v) q_reg[v] = B::load_aligned(q + d * ld_q + v * w);
+    HEADWISE_UNROLL
     for (int r = 0; r < Rows; ++r) {
       const B k_bc(k[r * ld_k + d]);  // broadcast K[j][d]
-      for (int v = 0; v < Vecs; ++v) acc.v[r][v] = xsimd::fma(k_bc, q_reg[v], acc.v[r][v]);
+      HEADWISE_UNROLL
+      for (int v = 0; v < Vecs; ++v) acc[r][v] = xsimd::fma(k_bc, q_reg[v], acc[r][v]);
     }
   }
+  HEADWISE_UNROLL
   for (int r = 0; r < Rows; ++r)
-    for (int v = 0; v < Vecs; ++v) acc.v[r][v].store_aligned(s + r * ld_s + v * w);
+    HEADWISE_UNROLL
+    for (int v = 0; v < Vecs; ++v) acc[r][v].store_aligned(s + r * ld_s + v * w);
 }
 
 /// O_buf[c][r] = α[r]·O_buf[c][r] + Σ_j V[j][c] · P_buf[j][r] for Rows value dims c and Vecs
@@ -57,23 +72,31 @@ inline void mma_ab(float* o, std::ptrdiff_t ld_o, const float* alpha, const floa
                    const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n) noexcept {
   using B = xsimd::batch<float, Arch>;
   constexpr std::ptrdiff_t w = B::size;
-  reg_tile<Rows, Vecs, Arch> acc;  // (Rows dims, Vecs·lanes query rows)
+  B acc[Rows][Vecs];  // (Rows dims, Vecs·lanes query rows): a reg_tile's registers
   {
     B a_reg[Vecs];
+    HEADWISE_UNROLL
     for (int u = 0; u < Vecs; ++u) a_reg[u] = B::load_aligned(alpha + u * w);
+    HEADWISE_UNROLL
     for (int r = 0; r < Rows; ++r)
-      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = B::load_aligned(o + r * ld_o + u * w) * a_reg[u];
+      HEADWISE_UNROLL
+      for (int u = 0; u < Vecs; ++u) acc[r][u] = B::load_aligned(o + r * ld_o + u * w) * a_reg[u];
   }
   for (std::ptrdiff_t j = 0; j < n; ++j) {
     B p_reg[Vecs];  // (1, Vecs·lanes)
+    HEADWISE_UNROLL
     for (int u = 0; u < Vecs; ++u) p_reg[u] = B::load_aligned(p + j * ld_p + u * w);
+    HEADWISE_UNROLL
     for (int r = 0; r < Rows; ++r) {
       const B v_bc(v[j * ld_v + r]);  // broadcast V[j][c]
-      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = xsimd::fma(v_bc, p_reg[u], acc.v[r][u]);
+      HEADWISE_UNROLL
+      for (int u = 0; u < Vecs; ++u) acc[r][u] = xsimd::fma(v_bc, p_reg[u], acc[r][u]);
     }
   }
+  HEADWISE_UNROLL
   for (int r = 0; r < Rows; ++r)
-    for (int u = 0; u < Vecs; ++u) acc.v[r][u].store_aligned(o + r * ld_o + u * w);
+    HEADWISE_UNROLL
+    for (int u = 0; u < Vecs; ++u) acc[r][u].store_aligned(o + r * ld_o + u * w);
 }
 
 namespace detail {

@@ -26,7 +26,7 @@ struct problem {
 
 /// Work decomposition: lanes (query rows = positions x group heads) per work item, keys per tile.
 struct blocking {
-  std::int64_t rows = 64;
+  std::int64_t rows = 128;
   std::int64_t block_kv = 64;
 };
 

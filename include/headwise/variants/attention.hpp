@@ -150,7 +150,7 @@ using kv_storage_t = std::remove_const_t<T>;
 /// Default work decomposition for this architecture (lanes per work item, keys per tile).
 template <class Arch = tile::default_arch>
 engine::blocking default_blocking() noexcept {
-  return engine::blocking{64, 64};
+  return engine::blocking{128, 64};
 }
 
 /// Scaled dot-product attention, FlashAttention-style, on [batch, seq, heads, dim] views:

@@ -37,8 +37,14 @@ struct tensor_view {
   constexpr tensor_view(const tensor_view<U, R>& o)  // NOLINT(google-explicit-constructor)
       : data(o.data), shape(o.shape), stride(o.stride) {}
 
-  /// True when no tensor was given (optional arguments).
-  [[nodiscard]] constexpr bool absent() const noexcept { return data == nullptr; }
+  /// True when no tensor was given (optional arguments): a null pointer AND an all-zero shape.
+  /// A null pointer with a non-empty shape is not absent: the argument checks reject it.
+  [[nodiscard]] constexpr bool absent() const noexcept {
+    if (data != nullptr) return false;
+    for (auto s : shape)
+      if (s != 0) return false;
+    return true;
+  }
 
   [[nodiscard]] constexpr std::int64_t numel() const noexcept {
     std::int64_t n = 1;

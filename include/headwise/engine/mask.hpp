@@ -4,9 +4,10 @@
 /// applied on the boundary tiles.
 ///
 /// A mask policy provides
-///   for_each_tile(p0, p1, block_kv, f): calls f(key0, n, full) over the key tiles that any
-///       query position in [p0, p1) can see, in increasing key order; full == true means every
-///       key of the tile is visible to every position (no element masking).
+///   for_each_tile(p0, p1, k_begin, k_end, block_kv, f): calls f(key0, n, full) over the key
+///       tiles in [k_begin, k_end) that any query position in [p0, p1) can see, in increasing
+///       key order; full == true means every key of the tile is visible to every position (no
+///       element masking). [k_begin, k_end) is a split of the KV range (split-KV).
 ///   lane_bounds(pos) -> {lo, hi}: key j is visible to pos iff j <= hi && (j >= lo || j < sinks)
 ///   sinks(): the sink-token count.
 #pragma once
@@ -30,8 +31,10 @@ struct no_mask {
   static constexpr bool needs_masking = false;
 
   template <class F>
-  void for_each_tile(std::int64_t /*p0*/, std::int64_t /*p1*/, std::int64_t block_kv, F&& f) const {
-    for (std::int64_t a = 0; a < seq_kv; a += block_kv) f(a, std::min(block_kv, seq_kv - a), true);
+  void for_each_tile(std::int64_t /*p0*/, std::int64_t /*p1*/, std::int64_t k_begin, std::int64_t k_end,
+                     std::int64_t block_kv, F&& f) const {
+    const std::int64_t end = std::min(seq_kv, k_end);
+    for (std::int64_t a = k_begin; a < end; a += block_kv) f(a, std::min(block_kv, end - a), true);
   }
   [[nodiscard]] key_bounds lane_bounds(std::int64_t /*pos*/) const noexcept { return {unbounded_lo, unbounded_hi}; }
   [[nodiscard]] std::int64_t sinks() const noexcept { return 0; }
@@ -59,7 +62,8 @@ struct band_mask {
   [[nodiscard]] std::int64_t sinks() const noexcept { return sink_tokens; }
 
   template <class F>
-  void for_each_tile(std::int64_t p0, std::int64_t p1, std::int64_t block_kv, F&& f) const {
+  void for_each_tile(std::int64_t p0, std::int64_t p1, std::int64_t k_begin, std::int64_t k_end,
+                     std::int64_t block_kv, F&& f) const {
     // lo and hi grow with i, so the block's union is [lo(p0), hi(p1-1)] (+ sinks) and the keys
     // visible to all of it are [lo(p1-1), hi(p0)] (+ sinks up to hi(p0)).
     const std::int64_t lo_min = lo(p0), lo_max = lo(p1 - 1);
@@ -72,6 +76,8 @@ struct band_mask {
     // in it is visible to every position (tiles straddling a bound take the masked path, so
     // no tile is ever cut short at a bound).
     auto visit = [&](std::int64_t a, std::int64_t b) {
+      a = std::max(a, k_begin);
+      b = std::min(b, k_end);
       for (std::int64_t t = a; t < b; t += block_kv) {
         const std::int64_t u = std::min(b, t + block_kv);
         const bool full = u <= hi_min + 1 && (t >= lo_max || u <= sink_tokens);
@@ -84,6 +90,24 @@ struct band_mask {
       if (sink_end > 0) visit(0, sink_end);
       if (win_begin < end) visit(win_begin, end);
     }
+  }
+};
+
+/// Builds the per-sequence mask policy (sequences of a varlen or paged batch differ in length).
+struct no_mask_spec {
+  using mask_type = no_mask;
+  [[nodiscard]] no_mask make(std::int64_t /*seq_q*/, std::int64_t seq_kv) const noexcept { return no_mask{seq_kv}; }
+};
+
+/// Band parameters independent of the sequence lengths; make() aligns the diagonal.
+struct band_spec {
+  using mask_type = band_mask;
+  bool top_left = false;    ///< diagonal i (top-left) or i + seq_kv - seq_q (bottom-right)
+  std::int64_t left = -1;   ///< -1: unbounded
+  std::int64_t right = -1;  ///< -1: unbounded; 0 for causal
+  std::int64_t sink_tokens = 0;
+  [[nodiscard]] band_mask make(std::int64_t seq_q, std::int64_t seq_kv) const noexcept {
+    return band_mask{seq_kv, top_left ? 0 : seq_kv - seq_q, left, right, sink_tokens};
   }
 };
 

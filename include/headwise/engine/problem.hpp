@@ -1,33 +1,41 @@
 /// @file
-/// @brief The resolved problem the engine runs: views, sizes, head map, score parameters.
+/// @brief The resolved problem the engine runs: row sources, head map, dims, score parameters,
+/// and the work decomposition.
 #pragma once
 
 #include <cstdint>
 
 #include "../core/view.hpp"
 #include "head_map.hpp"
+#include "sources.hpp"
 
 namespace headwise::engine {
 
-/// One attention problem, validated by the caller (variants/). Layout [batch, seq, heads, dim]
-/// with any strides on the first three axes and a contiguous dim axis.
-template <class KV>
+/// One attention problem, validated by the caller (variants/). QS supplies query/output/LSE
+/// rows per sequence (dense_q, varlen_q), KS the K/V rows (dense_kv, varlen_kv,
+/// paged_kv_source).
+template <class QS, class KS>
 struct problem {
-  tensor_view<const float, 4> q;               ///< (batch, seq_q, heads_q, dim_qk)
-  tensor_view<const KV, 4> k;                  ///< (batch, seq_kv, heads_kv, dim_qk)
-  tensor_view<const KV, 4> v;                  ///< (batch, seq_kv, heads_kv, dim_v); may alias k
-  tensor_view<float, 4> out;                   ///< (batch, seq_q, heads_out, dim_v)
-  tensor_view<float, 3> lse;                   ///< (batch, heads_out, seq_q) natural log; optional
-  tensor_view<const float, 1> sink_logits;     ///< (heads_out); optional
+  QS qs;
+  KS ks;
+  tensor_view<const float, 1> sink_logits;  ///< (heads_out); optional
   head_mapper heads;
-  std::int64_t batch = 0, seq_q = 0, seq_kv = 0, dim_qk = 0, dim_v = 0;
+  std::int64_t batch = 0, dim_qk = 0, dim_v = 0;
   float scale = 1.0f;
 };
 
-/// Work decomposition: lanes (query rows = positions x group heads) per work item, keys per tile.
+/// Work decomposition. rows: lanes (query positions x group heads) per query-lane work item;
+/// block_kv: keys per query-lane tile; decode_block_kv: keys per key-lane (decode) tile;
+/// split_kv: keys per split of a decode work item, 0 = never split; prefetch_bytes: how much
+/// of the KV cache (every head, K and V) decode keeps on its way into L2 ahead of the tile
+/// being computed. Splits depend only on these numbers and the shapes, never on the thread
+/// count.
 struct blocking {
   std::int64_t rows = 128;
   std::int64_t block_kv = 64;
+  std::int64_t decode_block_kv = 32;
+  std::int64_t split_kv = 2048;
+  std::int64_t prefetch_bytes = 192 * 1024;
 };
 
 }  // namespace headwise::engine

@@ -1,12 +1,18 @@
 /// @file
-/// @brief The scheduler: the one place that uses OpenMP. Work items are (batch, KV head,
-/// q-block); each computes whole output rows, so results do not depend on the thread count.
+/// @brief The scheduler: the one place that uses OpenMP. It cuts a problem into work items
+/// (sequence, KV head, q-block, KV split), picks each item's tile layout, runs them, then
+/// merges split items in split order. The cut depends only on shapes and the blocking, so
+/// results do not depend on the thread count.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
+#include "../tile/diagnostics.hpp"
 #include "mainloop.hpp"
+#include "merge.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -15,6 +21,8 @@
 #else
 #define HEADWISE_OMP(...)
 #endif
+
+HEADWISE_DIAGNOSTICS_PUSH
 
 namespace headwise::engine {
 
@@ -32,35 +40,128 @@ inline int resolve_threads(int requested, std::int64_t items) noexcept {
   return nt;
 }
 
+inline int thread_index() noexcept {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+/// True when a work item of `rows` query rows would fill at most half a vector: such items
+/// (decode) run with keys across lanes.
+template <class Arch>
+constexpr bool use_key_lanes(std::int64_t rows) noexcept {
+  return rows * 2 <= tile::arch_traits<Arch>::lanes;
+}
+
+struct work_item {
+  std::int64_t b, hk, p0, p1, k_begin, k_end;  ///< hk: first KV head (key-lane items cover all)
+  std::int64_t partial;  ///< offset of this split's state in the partial buffer, -1 if final
+  bool first_split;
+  bool keys;             ///< key-lane layout
+};
+
+/// A q-block cut into splits: its partial states are merged into the output in split order.
+struct split_group {
+  std::int64_t b, hk, nh, p0, p1, partial, nsplit, rows;  ///< rows = nh·(p1 - p0)·group
+};
+
 /// Runs every work item of the problem through the mainloop.
-template <class Arch, class KV, class Mask, class Score>
-void run(const problem<KV>& pb, const Mask& mask, const Score& score, const blocking& blk, int num_threads) {
-  const std::int64_t bq = positions_per_block(blk, pb.heads.group);
-  const std::int64_t nqb = (pb.seq_q + bq - 1) / bq;
-  const std::int64_t items = pb.batch * pb.heads.heads_kv * nqb;
-  if (items == 0) return;
-  const int nt = resolve_threads(num_threads, items);
-  constexpr std::int64_t w = tile::arch_traits<Arch>::lanes;
-  const std::int64_t lanes = (bq * pb.heads.group + w - 1) / w * w;
+template <class Arch, class QS, class KS, class MaskSpec, class Score>
+void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, const blocking& blk, int num_threads) {
+  const std::int64_t g = pb.heads.group, dv = pb.dim_v, hkv = pb.heads.heads_kv;
+  std::vector<work_item> items;
+  std::vector<split_group> groups;
+  std::int64_t partial_floats = 0, rows_q = 1, rows_k = 1;
+  for (std::int64_t b = 0; b < pb.batch; ++b) {
+    const std::int64_t sq = pb.qs.len(b), skv = pb.ks.len(b);
+    if (sq == 0) continue;
+    // Decode (few rows per KV head): keys across lanes, one item for all KV heads of a key
+    // range, so the cache is read in address order; the key range is cut into splits.
+    const bool keys = use_key_lanes<Arch>(g * sq);
+    const std::int64_t bq = keys ? sq : std::max<std::int64_t>(1, blk.rows / g);
+    const std::int64_t nqb = (sq + bq - 1) / bq;
+    const std::int64_t nsplit =
+        keys && blk.split_kv > 0 && skv > blk.split_kv ? (skv + blk.split_kv - 1) / blk.split_kv : 1;
+    (keys ? rows_k : rows_q) = std::max(keys ? rows_k : rows_q, std::min(bq, sq) * g);
+    const std::int64_t nh = keys ? hkv : 1;
+    for (std::int64_t hk = 0; hk < hkv; hk += nh)
+      for (std::int64_t qb = nqb - 1; qb >= 0; --qb) {  // later q-blocks first: longest under causal
+        const std::int64_t p0 = qb * bq, p1 = std::min(sq, p0 + bq);
+        if (nsplit == 1) {
+          items.push_back({b, hk, p0, p1, 0, std::numeric_limits<std::int64_t>::max(), -1, true, keys});
+          continue;
+        }
+        const std::int64_t rows = nh * (p1 - p0) * g;
+        groups.push_back({b, hk, nh, p0, p1, partial_floats, nsplit, rows});
+        for (std::int64_t s = 0; s < nsplit; ++s) {
+          items.push_back({b, hk, p0, p1, s * blk.split_kv, std::min(skv, (s + 1) * blk.split_kv), partial_floats,
+                           s == 0, keys});
+          partial_floats += rows * (dv + 1);
+        }
+      }
+  }
+  if (items.empty()) return;
+  const auto n_items = static_cast<std::int64_t>(items.size());
+  const int nt = resolve_threads(num_threads, n_items);
   std::vector<workspace> ws(static_cast<std::size_t>(nt));  // allocated before any work
-  for (auto& x : ws) x.reserve(lanes, pb.dim_qk, pb.dim_v, blk.block_kv, !std::is_same_v<KV, float>);
+  for (auto& x : ws) {
+    query_lanes<Arch>::reserve(x, rows_q, pb.dim_qk, dv, blk.block_kv);
+    key_lanes<Arch>::reserve(x, rows_k, hkv, pb.dim_qk, dv, blk.decode_block_kv);
+  }
+  std::vector<float> partial(static_cast<std::size_t>(partial_floats));
 
   HEADWISE_OMP(parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1))
-  for (std::int64_t it = 0; it < items; ++it) {
-#if defined(_OPENMP)
-    workspace& mine = ws[static_cast<std::size_t>(omp_get_thread_num())];
-#else
-    workspace& mine = ws[0];
-#endif
-    // Later q-blocks first: under causal masks they cost the most (longest-first balance).
-    const std::int64_t qb = nqb - 1 - it % nqb;
-    const std::int64_t rest = it / nqb;
-    const std::int64_t hk = rest % pb.heads.heads_kv;
-    const std::int64_t b = rest / pb.heads.heads_kv;
-    const std::int64_t p0 = qb * bq;
-    const std::int64_t p1 = std::min(pb.seq_q, p0 + bq);
-    attend_block<Arch>(pb, mask, score, blk, mine, b, hk, p0, p1);
+  for (std::int64_t it = 0; it < n_items; ++it) {
+    const work_item& w = items[static_cast<std::size_t>(it)];
+    workspace& mine = ws[static_cast<std::size_t>(thread_index())];
+    const auto mask = ms.make(pb.qs.len(w.b), pb.ks.len(w.b));
+    const std::int64_t rows = (w.p1 - w.p0) * g;  // per KV head
+    auto go = [&](auto& lay, std::int64_t bk) {
+      if (w.partial < 0) {
+        attend_block<Arch>(pb, mask, score, bk, blk.prefetch_bytes, lay, w.b, w.hk, w.p0, w.p1, w.k_begin, w.k_end, true,
+                           final_target<QS>{pb.qs, w.b});
+      } else {
+        float* o = partial.data() + w.partial;
+        const std::int64_t all = rows * lay.heads();
+        attend_block<Arch>(pb, mask, score, bk, blk.prefetch_bytes, lay, w.b, w.hk, w.p0, w.p1, w.k_begin, w.k_end, w.first_split,
+                           partial_target{o, o + all * dv, dv});
+      }
+    };
+    if (w.keys) {
+      key_lanes<Arch> lay(mine, rows, hkv, pb.dim_qk, dv, blk.decode_block_kv);
+      go(lay, blk.decode_block_kv);
+    } else {
+      query_lanes<Arch> lay(mine, rows, pb.dim_qk, dv);
+      go(lay, blk.block_kv);
+    }
+  }
+
+  // Split-KV reduce: fold each group's partial states in split order, then write the rows.
+  const auto n_groups = static_cast<std::int64_t>(groups.size());
+  [[maybe_unused]] const int nt2 = resolve_threads(num_threads, n_groups);
+  HEADWISE_OMP(parallel for num_threads(nt2) schedule(static) if (nt2 > 1))
+  for (std::int64_t gi = 0; gi < n_groups; ++gi) {
+    const split_group& sg = groups[static_cast<std::size_t>(gi)];
+    const std::int64_t stride = sg.rows * (dv + 1);
+    float* acc = partial.data() + sg.partial;  // split 0, merged in place
+    float* acc_lse = acc + sg.rows * dv;
+    for (std::int64_t s = 1; s < sg.nsplit; ++s) {
+      const float* o = acc + s * stride;
+      for (std::int64_t r = 0; r < sg.rows; ++r) merge_into(acc + r * dv, acc_lse[r], o + r * dv, o[sg.rows * dv + r], dv);
+    }
+    const final_target<QS> t{pb.qs, sg.b};
+    const std::int64_t rows_h = (sg.p1 - sg.p0) * g;
+    for (std::int64_t r = 0; r < sg.rows; ++r) {
+      const std::int64_t rr = r % rows_h;
+      const std::int64_t pos = sg.p0 + rr / g, head = pb.heads.out_head(sg.hk + r / rows_h, rr % g);
+      std::copy(acc + r * dv, acc + (r + 1) * dv, t.row(r, pos, head));
+      t.set_lse(r, pos, head, acc_lse[r]);
+    }
   }
 }
 
 }  // namespace headwise::engine
+
+HEADWISE_DIAGNOSTICS_POP

@@ -12,16 +12,17 @@ inline constexpr float log2e = 1.4426950408889634f;
 struct plain_score {
   [[nodiscard]] static float q_factor(float scale) noexcept { return scale * log2e; }
   template <class Arch>
-  void apply(float*, std::ptrdiff_t, std::ptrdiff_t, std::ptrdiff_t) const noexcept {}
+  void apply(float*, std::ptrdiff_t) const noexcept {}
 };
 
 /// s = cap·tanh(scale·(q·k)/cap) (Gemma 2, Grok): Q carries scale, the tile pass the rest.
 struct softcap_score {
   float cap = 0.0f;
   [[nodiscard]] static float q_factor(float scale) noexcept { return scale; }
+  /// Elementwise over `count` scores (a multiple of the lane count).
   template <class Arch>
-  void apply(float* s, std::ptrdiff_t ld_s, std::ptrdiff_t n, std::ptrdiff_t nvec) const noexcept {
-    tile::softcap_tile<Arch>(s, ld_s, n, nvec, cap);
+  void apply(float* s, std::ptrdiff_t count) const noexcept {
+    tile::softcap_tile<Arch>(s, count, 1, count / tile::arch_traits<Arch>::lanes, cap);
   }
 };
 

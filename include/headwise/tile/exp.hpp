@@ -3,6 +3,9 @@
 #pragma once
 
 #include "arch.hpp"
+#include "diagnostics.hpp"
+
+HEADWISE_DIAGNOSTICS_PUSH
 
 namespace headwise::tile {
 
@@ -36,3 +39,5 @@ inline xsimd::batch<float, Arch> exp2_softmax(xsimd::batch<float, Arch> x) noexc
 }
 
 }  // namespace headwise::tile
+
+HEADWISE_DIAGNOSTICS_POP

@@ -8,10 +8,13 @@
 
 #include "../core/dtype.hpp"
 #include "arch.hpp"
+#include "diagnostics.hpp"
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+
+HEADWISE_DIAGNOSTICS_PUSH
 
 namespace headwise::tile {
 
@@ -89,4 +92,13 @@ inline void convert_row(float* dst, const T* src, std::ptrdiff_t n) noexcept {
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
+/// Prefetches `bytes` bytes at p into L2 (64-byte lines): the next KV tile's rows while the
+/// current tile computes. BSHD rows are heads·dim apart, beyond the hardware prefetchers' reach.
+inline void prefetch_l2(const void* p, std::ptrdiff_t bytes) noexcept {
+  const char* c = static_cast<const char*>(p);
+  for (std::ptrdiff_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
+}
+
 }  // namespace headwise::tile
+
+HEADWISE_DIAGNOSTICS_POP

@@ -153,3 +153,64 @@ inline void pv_tile(float* o, std::ptrdiff_t ld_o, const float* alpha, const flo
 }
 
 }  // namespace headwise::tile
+
+namespace headwise::tile {
+
+/// Key-lane P·V: O_buf[r][c] = α[r]·O_buf[r][c] + Σ_j P_buf[r][j] · V[j][c] for Rows query rows
+/// and Vecs vectors of value dims, over n keys. o: (Rows, ld_o) aligned; p: (Rows, ld_p);
+/// v: n rows at stride ld_v, Vecs full vectors each (offset to the first dim); alpha: Rows.
+template <int Rows, int Vecs, class Arch>
+inline void mma_ab_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const float* v, std::ptrdiff_t ld_v,
+                        const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::ptrdiff_t w = B::size;
+  B acc[Rows][Vecs];  // (Rows query rows, Vecs·lanes value dims)
+  HEADWISE_UNROLL
+  for (int r = 0; r < Rows; ++r) {
+    const B a(alpha[r]);
+    HEADWISE_UNROLL
+    for (int u = 0; u < Vecs; ++u) acc[r][u] = B::load_aligned(o + r * ld_o + u * w) * a;
+  }
+  for (std::ptrdiff_t j = 0; j < n; ++j) {
+    B v_reg[Vecs];  // V[j][c..c+Vecs·lanes)
+    HEADWISE_UNROLL
+    for (int u = 0; u < Vecs; ++u) v_reg[u] = B::load_unaligned(v + j * ld_v + u * w);
+    HEADWISE_UNROLL
+    for (int r = 0; r < Rows; ++r) {
+      const B p_bc(p[r * ld_p + j]);  // broadcast P[r][j]
+      HEADWISE_UNROLL
+      for (int u = 0; u < Vecs; ++u) acc[r][u] = xsimd::fma(p_bc, v_reg[u], acc[r][u]);
+    }
+  }
+  HEADWISE_UNROLL
+  for (int r = 0; r < Rows; ++r)
+    HEADWISE_UNROLL
+    for (int u = 0; u < Vecs; ++u) acc[r][u].store_aligned(o + r * ld_o + u * w);
+}
+
+namespace detail {
+template <class Arch, int MaxRows, int MaxVecs, std::size_t... I>
+constexpr std::array<mma_ab_fn, sizeof...(I)> make_ab_rows(std::index_sequence<I...>) {
+  return {&mma_ab_rows<static_cast<int>(I) / MaxVecs + 1, static_cast<int>(I) % MaxVecs + 1, Arch>...};
+}
+}  // namespace detail
+
+/// Key-lane P·V over a whole tile: rows x (dv_vecs vectors of value dims), n keys.
+template <class Arch>
+inline void pv_tile_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const float* v, std::ptrdiff_t ld_v,
+                         const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t rows, std::ptrdiff_t dv_vecs,
+                         std::ptrdiff_t n) noexcept {
+  using T = arch_traits<Arch>;
+  constexpr int R = T::vregs >= 32 ? 4 : 2, V = T::vregs >= 32 ? 4 : 4;
+  static constexpr auto table = detail::make_ab_rows<Arch, R, V>(std::make_index_sequence<R * V>{});
+  for (std::ptrdiff_t r0 = 0; r0 < rows; r0 += R) {
+    const std::ptrdiff_t nr = std::min<std::ptrdiff_t>(R, rows - r0);
+    for (std::ptrdiff_t c0 = 0; c0 < dv_vecs; c0 += V) {
+      const std::ptrdiff_t nv = std::min<std::ptrdiff_t>(V, dv_vecs - c0);
+      table[static_cast<std::size_t>((nr - 1) * V + (nv - 1))](o + r0 * ld_o + c0 * T::lanes, ld_o, alpha + r0,
+                                                               v + c0 * T::lanes, ld_v, p + r0 * ld_p, ld_p, n);
+    }
+  }
+}
+
+}  // namespace headwise::tile

@@ -11,13 +11,10 @@
 #include <limits>
 
 #include "arch.hpp"
+#include "diagnostics.hpp"
 #include "exp.hpp"
 
-// GCC 12 flags xsimd 8.1's AVX-512 max (built on _mm512_undefined_ps) as maybe-uninitialized.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+HEADWISE_DIAGNOSTICS_PUSH
 
 namespace headwise::tile {
 
@@ -118,6 +115,93 @@ inline void band_mask_tile(float* s, std::ptrdiff_t ld_s, std::ptrdiff_t n, std:
 
 }  // namespace headwise::tile
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+HEADWISE_DIAGNOSTICS_POP
+
+HEADWISE_DIAGNOSTICS_PUSH
+
+namespace headwise::tile {
+
+/// Horizontal max of a vector (xsimd 8.1 has no reduce_max).
+template <class Arch>
+inline float reduce_max(xsimd::batch<float, Arch> x) noexcept {
+  alignas(64) float buf[xsimd::batch<float, Arch>::size];
+  x.store_aligned(buf);
+  float m = buf[0];
+  for (std::size_t i = 1; i < xsimd::batch<float, Arch>::size; ++i) m = buf[i] > m ? buf[i] : m;
+  return m;
+}
+
+/// Key-lane online-softmax step on a (rows, ld_s) row-major tile of n keys (n <= ld_s): for
+/// each row r, m' = max(m, max_j S[r][j]), α = 2^(m - m'), P = 2^(S - m'), l' = α·l + Σ P.
+/// Columns n..ld_s are set to P = 0. m, l, alpha: one float per row.
+template <class Arch>
+inline void softmax_update_rows(float* s, std::ptrdiff_t ld_s, std::ptrdiff_t rows, std::ptrdiff_t n, float* m,
+                                float* l, float* alpha) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::ptrdiff_t w = B::size;
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  const std::ptrdiff_t nvec = (n + w - 1) / w;
+  for (std::ptrdiff_t r = 0; r < rows; ++r) {
+    float* sr = s + r * ld_s;
+    for (std::ptrdiff_t j = n; j < nvec * w; ++j) sr[j] = ninf;  // pad keys
+    B mx0(ninf), mx1(ninf);
+    std::ptrdiff_t v = 0;
+    for (; v + 2 <= nvec; v += 2) {
+      mx0 = xsimd::max(mx0, B::load_aligned(sr + v * w));
+      mx1 = xsimd::max(mx1, B::load_aligned(sr + (v + 1) * w));
+    }
+    if (v < nvec) mx0 = xsimd::max(mx0, B::load_aligned(sr + v * w));
+    const float m_old = m[r];
+    float m_new = reduce_max<Arch>(xsimd::max(mx0, mx1));
+    m_new = m_old > m_new ? m_old : m_new;
+    const float m_ref = m_new == ninf ? 0.0f : m_new;  // -inf - -inf guard
+    const B mr(m_ref);
+    B sum0(0.0f), sum1(0.0f);
+    v = 0;
+    for (; v + 2 <= nvec; v += 2) {
+      const B p0 = exp2_softmax<Arch>(B::load_aligned(sr + v * w) - mr);
+      const B p1 = exp2_softmax<Arch>(B::load_aligned(sr + (v + 1) * w) - mr);
+      p0.store_aligned(sr + v * w);
+      p1.store_aligned(sr + (v + 1) * w);
+      sum0 += p0;
+      sum1 += p1;
+    }
+    if (v < nvec) {
+      const B p0 = exp2_softmax<Arch>(B::load_aligned(sr + v * w) - mr);
+      p0.store_aligned(sr + v * w);
+      sum0 += p0;
+    }
+    const float a = exp2_softmax<Arch>(B(m_old - m_ref)).get(0);
+    l[r] = a * l[r] + xsimd::hadd(sum0 + sum1);
+    m[r] = m_new;
+    alpha[r] = a;
+  }
+}
+
+/// Key-lane band mask on a (rows, ld_s) tile of n keys: key jj (relative to the tile start)
+/// stays visible to row r iff jj <= hi[r] && (jj >= lo[r] || jj < sink); others become -inf.
+template <class Arch>
+inline void band_mask_rows(float* s, std::ptrdiff_t ld_s, std::ptrdiff_t rows, std::ptrdiff_t n, const float* lo,
+                           const float* hi, std::ptrdiff_t sink) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::ptrdiff_t w = B::size;
+  const B ninf(-std::numeric_limits<float>::infinity());
+  alignas(64) float iota[w];
+  for (std::ptrdiff_t i = 0; i < w; ++i) iota[i] = static_cast<float>(i);
+  const B step = B::load_aligned(iota);
+  const B sink_v(static_cast<float>(sink));
+  const std::ptrdiff_t nvec = (n + w - 1) / w;
+  for (std::ptrdiff_t r = 0; r < rows; ++r) {
+    const B lo_v(lo[r]), hi_v(hi[r]);
+    for (std::ptrdiff_t v = 0; v < nvec; ++v) {
+      float* p = s + r * ld_s + v * w;
+      const B jj = step + B(static_cast<float>(v * w));
+      const auto keep = (jj <= hi_v) && ((jj >= lo_v) || (jj < sink_v));
+      xsimd::select(keep, B::load_aligned(p), ninf).store_aligned(p);
+    }
+  }
+}
+
+}  // namespace headwise::tile
+
+HEADWISE_DIAGNOSTICS_POP

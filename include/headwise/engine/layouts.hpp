@@ -1,0 +1,220 @@
+/// @file
+/// @brief The two tile layouts of the mainloop. Both expose the same steps (pack_q, load, qk,
+/// scores, mask, softmax, pv, out_row), so the loop itself is written once.
+///
+/// query_lanes: query rows (positions x group heads) across SIMD lanes; K and V are broadcast
+///   operands read in place. For prefill, and whenever a work item has at least a vector of rows.
+/// key_lanes: keys across SIMD lanes; K is packed D-major per tile (transposed, converted),
+///   V rows are vector operands. For decode: few query rows (g x seq_q below half a vector)
+///   against long caches, where query_lanes would leave most lanes empty.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../tile/diagnostics.hpp"
+#include "../tile/tile.hpp"
+#include "sources.hpp"
+
+HEADWISE_DIAGNOSTICS_PUSH
+
+namespace headwise::engine {
+
+template <class T>
+using aligned_vector = std::vector<T, xsimd::aligned_allocator<T, 64>>;
+
+/// Per-thread scratch, sized once per call (no allocation inside the loop).
+struct workspace {
+  aligned_vector<float> q_buf, s_buf, o_buf, m, l, alpha, lo_rel, hi_rel, k_buf, v_buf;
+  std::vector<std::int64_t> pos, head, lane_lo, lane_hi;
+
+  void reserve(std::int64_t rows, std::int64_t q_elems, std::int64_t s_elems, std::int64_t o_elems,
+               std::int64_t k_elems, std::int64_t v_elems) {
+    auto grow = [](auto& v, std::int64_t n) {
+      if (static_cast<std::int64_t>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
+    };
+    grow(q_buf, q_elems);
+    grow(s_buf, s_elems);
+    grow(o_buf, o_elems);
+    grow(k_buf, k_elems);
+    grow(v_buf, v_elems);
+    for (auto* b : {&m, &l, &alpha, &lo_rel, &hi_rel}) grow(*b, rows);
+    for (auto* b : {&pos, &head, &lane_lo, &lane_hi}) grow(*b, rows);
+  }
+};
+
+/// Copies n rows of dim storage elements into a packed f32 buffer (row stride ld, tail zeroed).
+template <class Arch, class KV, class Row>
+void pack_rows(float* dst, std::int64_t ld, Row&& row, std::int64_t n, std::int64_t dim) {
+  for (std::int64_t j = 0; j < n; ++j) {
+    tile::convert_row<Arch>(dst + j * ld, row(j), dim);
+    std::fill(dst + j * ld + dim, dst + (j + 1) * ld, 0.0f);
+  }
+}
+
+/// Query rows across lanes. Buffers: Q (dim_qk, ld), S/P (block_kv, ld), O (dim_v, ld).
+template <class Arch>
+struct query_lanes {
+  static constexpr std::int64_t w = tile::arch_traits<Arch>::lanes;
+  /// Prefill reuses each tile across many rows; the hardware prefetchers keep up.
+  static constexpr bool prefetch_next = false;
+  workspace& ws;
+  std::int64_t rows, ld, nvec, dqk, dv;
+  const float* k_rows = nullptr;
+  const float* v_rows = nullptr;
+  std::int64_t ld_k = 0, ld_v = 0;
+
+  query_lanes(workspace& s, std::int64_t rows_, std::int64_t dqk_, std::int64_t dv_)
+      : ws(s), rows(rows_), ld(tile::round_up(rows_, w)), nvec(ld / w), dqk(dqk_), dv(dv_) {}
+
+  /// One KV head per work item (its group fills the lanes).
+  [[nodiscard]] static constexpr std::int64_t heads() noexcept { return 1; }
+  [[nodiscard]] std::int64_t lanes_per_head() const noexcept { return ld; }
+  void select(std::int64_t /*h*/) noexcept {}
+
+  static void reserve(workspace& s, std::int64_t rows, std::int64_t dqk, std::int64_t dv, std::int64_t bk) {
+    const std::int64_t ld = tile::round_up(rows, w);
+    s.reserve(ld, dqk * ld, bk * ld, dv * ld, bk * dqk, bk * dv);
+  }
+  /// Q_buf[d][r] = Q[r][d]·qf; pad lanes 0. O = 0.
+  template <class Row>
+  void pack_q(Row&& row, float qf) {
+    float* q = ws.q_buf.data();
+    for (std::int64_t r = 0; r < ld; ++r) {
+      if (r >= rows) {
+        for (std::int64_t d = 0; d < dqk; ++d) q[d * ld + r] = 0.0f;
+        continue;
+      }
+      const float* src = row(r);
+      for (std::int64_t d = 0; d < dqk; ++d) q[d * ld + r] = src[d] * qf;
+    }
+    std::fill(ws.o_buf.data(), ws.o_buf.data() + dv * ld, 0.0f);
+  }
+  /// K/V rows of a tile: in place for evenly strided f32 rows, else converted into buffers.
+  template <class KV, class KRow, class VRow>
+  void load(const kv_tile_rows<KV>& t, KRow&& k_row, VRow&& v_row, std::int64_t n) {
+    if constexpr (std::is_same_v<KV, float>) {
+      if (t.k != nullptr) {
+        k_rows = t.k;
+        v_rows = t.v;
+        ld_k = t.ld_k;
+        ld_v = t.ld_v;
+        return;
+      }
+    }
+    pack_rows<Arch, KV>(ws.k_buf.data(), dqk, k_row, n, dqk);
+    pack_rows<Arch, KV>(ws.v_buf.data(), dv, v_row, n, dv);
+    k_rows = ws.k_buf.data();
+    v_rows = ws.v_buf.data();
+    ld_k = dqk;
+    ld_v = dv;
+  }
+  /// S = Q·Kᵀ, key-major (n, ld).
+  void qk(std::int64_t n) { tile::qk_tile<Arch>(ws.s_buf.data(), ld, k_rows, ld_k, ws.q_buf.data(), ld, dqk, n, nvec); }
+  [[nodiscard]] float* scores() const noexcept { return const_cast<float*>(ws.s_buf.data()); }
+  [[nodiscard]] std::int64_t score_count(std::int64_t n) const noexcept { return n * ld; }
+  void mask(std::int64_t n, std::int64_t sink) {
+    tile::band_mask_tile<Arch>(ws.s_buf.data(), ld, n, nvec, ws.lo_rel.data(), ws.hi_rel.data(), sink);
+  }
+  void softmax(std::int64_t n) {
+    tile::softmax_update<Arch>(ws.s_buf.data(), ld, n, nvec, ws.m.data(), ws.l.data(), ws.alpha.data());
+  }
+  /// O = α·O + P·V  (dim_v, ld)
+  void pv(std::int64_t n) {
+    tile::pv_tile<Arch>(ws.o_buf.data(), ld, ws.alpha.data(), v_rows, ld_v, ws.s_buf.data(), ld, dv, n, nvec);
+  }
+  void out_row(std::int64_t r, float* dst, float scale) const {
+    const float* o = ws.o_buf.data();
+    for (std::int64_t c = 0; c < dv; ++c) dst[c] = o[c * ld + r] * scale;
+  }
+};
+
+/// Keys across lanes. A work item covers `nh` KV heads (all of a sequence's heads in decode),
+/// so one KV tile's memory (consecutive tokens, every head) is read together; the heads are
+/// processed one after the other on each tile (select(h)), each with its own rows.
+/// Buffers: Q (nh·rows, dim_qk) row-major, O (nh·rows, dv_pad); per head and tile: K
+/// (dim_qk, ld_kt) D-major, S/P (rows, ld_kt), V (block_kv, dv_pad) when converted.
+template <class Arch>
+struct key_lanes {
+  static constexpr std::int64_t w = tile::arch_traits<Arch>::lanes;
+  /// Decode streams the cache once: fetch the next tile while this one computes.
+  static constexpr bool prefetch_next = true;
+  workspace& ws;
+  std::int64_t rows, nh, dqk, dv, dv_pad, ld_kt;
+  std::int64_t seg = 0;  ///< first row of the selected head
+  std::int64_t n_pad = 0;
+  const float* v_rows = nullptr;
+  std::int64_t ld_v = 0;
+
+  key_lanes(workspace& s, std::int64_t rows_per_head, std::int64_t heads_, std::int64_t dqk_, std::int64_t dv_,
+            std::int64_t bk)
+      : ws(s), rows(rows_per_head), nh(heads_), dqk(dqk_), dv(dv_), dv_pad(tile::round_up(dv_, w)),
+        ld_kt(tile::round_up(bk, w)) {}
+
+  static void reserve(workspace& s, std::int64_t rows_per_head, std::int64_t heads, std::int64_t dqk,
+                      std::int64_t dv, std::int64_t bk) {
+    const std::int64_t ldk = tile::round_up(bk, w), dvp = tile::round_up(dv, w), all = rows_per_head * heads;
+    s.reserve(all, all * dqk, rows_per_head * ldk, all * dvp, dqk * ldk, bk * dvp);
+  }
+  [[nodiscard]] std::int64_t heads() const noexcept { return nh; }
+  [[nodiscard]] std::int64_t lanes_per_head() const noexcept { return rows; }
+  void select(std::int64_t h) noexcept { seg = h * rows; }
+
+  template <class Row>
+  void pack_q(Row&& row, float qf) {
+    float* q = ws.q_buf.data();
+    for (std::int64_t r = 0; r < nh * rows; ++r) {
+      const float* src = row(r);
+      for (std::int64_t d = 0; d < dqk; ++d) q[r * dqk + d] = src[d] * qf;
+    }
+    std::fill(ws.o_buf.data(), ws.o_buf.data() + nh * rows * dv_pad, 0.0f);
+  }
+  /// K packed D-major (transposed, converted); V in place when f32, evenly strided and a whole
+  /// number of vectors wide, else converted into a zero-padded buffer.
+  template <class KV, class KRow, class VRow>
+  void load(const kv_tile_rows<KV>& t, KRow&& k_row, VRow&& v_row, std::int64_t n) {
+    n_pad = tile::round_up(n, w);
+    tile::pack_k_dmajor<Arch, KV>(ws.k_buf.data(), ld_kt, k_row, n, n_pad, dqk);
+    if constexpr (std::is_same_v<KV, float>) {
+      if (t.v != nullptr && dv == dv_pad) {
+        v_rows = t.v;
+        ld_v = t.ld_v;
+        return;
+      }
+    }
+    pack_rows<Arch, KV>(ws.v_buf.data(), dv_pad, v_row, n, dv);
+    v_rows = ws.v_buf.data();
+    ld_v = dv_pad;
+  }
+  /// S = Q·Kᵀ, row-major (rows, n_pad): the query-lane microkernel with the roles swapped
+  /// (Q rows broadcast, packed K vectors).
+  void qk(std::int64_t /*n*/) {
+    tile::qk_tile<Arch>(ws.s_buf.data(), ld_kt, ws.q_buf.data() + seg * dqk, dqk, ws.k_buf.data(), ld_kt, dqk, rows,
+                        n_pad / w);
+  }
+  [[nodiscard]] float* scores() const noexcept { return const_cast<float*>(ws.s_buf.data()); }
+  [[nodiscard]] std::int64_t score_count(std::int64_t /*n*/) const noexcept { return rows * ld_kt; }
+  void mask(std::int64_t n, std::int64_t sink) {
+    tile::band_mask_rows<Arch>(ws.s_buf.data(), ld_kt, rows, n, ws.lo_rel.data() + seg, ws.hi_rel.data() + seg, sink);
+  }
+  void softmax(std::int64_t n) {
+    tile::softmax_update_rows<Arch>(ws.s_buf.data(), ld_kt, rows, n, ws.m.data() + seg, ws.l.data() + seg,
+                                    ws.alpha.data() + seg);
+  }
+  /// O = α·O + P·V  (rows, dv_pad)
+  void pv(std::int64_t n) {
+    tile::pv_tile_rows<Arch>(ws.o_buf.data() + seg * dv_pad, dv_pad, ws.alpha.data() + seg, v_rows, ld_v,
+                             ws.s_buf.data(), ld_kt, rows, dv_pad / w, n);
+  }
+  void out_row(std::int64_t r, float* dst, float scale) const {
+    const float* o = ws.o_buf.data() + r * dv_pad;
+    for (std::int64_t c = 0; c < dv; ++c) dst[c] = o[c] * scale;
+  }
+};
+
+}  // namespace headwise::engine
+
+HEADWISE_DIAGNOSTICS_POP

@@ -1,0 +1,119 @@
+/// @file
+/// @brief Where query rows, output rows and K/V rows live: dense [batch, seq, heads, dim]
+/// views, ragged (cu_seqlens) packed views, and paged KV caches (block tables). The mainloop
+/// reads rows only through these policies.
+#pragma once
+
+#include <cstdint>
+
+#include "../core/view.hpp"
+
+namespace headwise::engine {
+
+/// Queries, outputs and LSE in [batch, seq, heads, dim] / [batch, heads, seq] views.
+struct dense_q {
+  tensor_view<const float, 4> q;
+  tensor_view<float, 4> out;
+  tensor_view<float, 3> lse;  ///< optional
+  [[nodiscard]] std::int64_t len(std::int64_t /*b*/) const noexcept { return q.shape[1]; }
+  [[nodiscard]] const float* row(std::int64_t b, std::int64_t i, std::int64_t h) const noexcept {
+    return &q(b, i, h, 0);
+  }
+  [[nodiscard]] float* out_row(std::int64_t b, std::int64_t i, std::int64_t h) const noexcept {
+    return &out(b, i, h, 0);
+  }
+  [[nodiscard]] float* lse_at(std::int64_t b, std::int64_t h, std::int64_t i) const noexcept {
+    return lse.absent() ? nullptr : &lse(b, h, i);
+  }
+};
+
+/// Ragged queries packed as [total_q, heads, dim], sequence b = rows [cu[b], cu[b+1]);
+/// LSE as [heads, total_q] (FlashAttention varlen).
+struct varlen_q {
+  tensor_view<const float, 3> q;
+  tensor_view<float, 3> out;
+  tensor_view<float, 2> lse;  ///< optional
+  const std::int32_t* cu = nullptr;
+  [[nodiscard]] std::int64_t len(std::int64_t b) const noexcept { return cu[b + 1] - cu[b]; }
+  [[nodiscard]] const float* row(std::int64_t b, std::int64_t i, std::int64_t h) const noexcept {
+    return &q(cu[b] + i, h, 0);
+  }
+  [[nodiscard]] float* out_row(std::int64_t b, std::int64_t i, std::int64_t h) const noexcept {
+    return &out(cu[b] + i, h, 0);
+  }
+  [[nodiscard]] float* lse_at(std::int64_t b, std::int64_t h, std::int64_t i) const noexcept {
+    return lse.absent() ? nullptr : &lse(h, cu[b] + i);
+  }
+};
+
+/// K/V rows of a tile: in place when they are evenly strided (ld in elements), else null.
+template <class KV>
+struct kv_tile_rows {
+  const KV* k = nullptr;
+  const KV* v = nullptr;
+  std::int64_t ld_k = 0, ld_v = 0;
+};
+
+/// K/V in [batch, seq_kv, heads_kv, dim] views (V may alias K).
+template <class KV>
+struct dense_kv {
+  tensor_view<const KV, 4> k, v;
+  [[nodiscard]] std::int64_t len(std::int64_t /*b*/) const noexcept { return k.shape[1]; }
+  [[nodiscard]] const KV* k_row(std::int64_t b, std::int64_t j, std::int64_t h) const noexcept {
+    return &k(b, j, h, 0);
+  }
+  [[nodiscard]] const KV* v_row(std::int64_t b, std::int64_t j, std::int64_t h) const noexcept {
+    return &v(b, j, h, 0);
+  }
+  [[nodiscard]] kv_tile_rows<KV> tile(std::int64_t b, std::int64_t a, std::int64_t /*n*/,
+                                      std::int64_t h) const noexcept {
+    return {k_row(b, a, h), v_row(b, a, h), k.stride[1], v.stride[1]};
+  }
+};
+
+/// Ragged K/V packed as [total_kv, heads_kv, dim], sequence b = rows [cu[b], cu[b+1]).
+template <class KV>
+struct varlen_kv {
+  tensor_view<const KV, 3> k, v;
+  const std::int32_t* cu = nullptr;
+  [[nodiscard]] std::int64_t len(std::int64_t b) const noexcept { return cu[b + 1] - cu[b]; }
+  [[nodiscard]] const KV* k_row(std::int64_t b, std::int64_t j, std::int64_t h) const noexcept {
+    return &k(cu[b] + j, h, 0);
+  }
+  [[nodiscard]] const KV* v_row(std::int64_t b, std::int64_t j, std::int64_t h) const noexcept {
+    return &v(cu[b] + j, h, 0);
+  }
+  [[nodiscard]] kv_tile_rows<KV> tile(std::int64_t b, std::int64_t a, std::int64_t /*n*/,
+                                      std::int64_t h) const noexcept {
+    return {k_row(b, a, h), v_row(b, a, h), k.stride[0], v.stride[0]};
+  }
+};
+
+/// Paged KV cache (vLLM / FlashAttention block_table): pages [num_pages, page_size, heads_kv,
+/// dim]; token j of sequence b is row j % page_size of page block_table[b][j / page_size];
+/// sequence b holds seqlens[b] tokens.
+template <class KV>
+struct paged_kv_source {
+  tensor_view<const KV, 4> k_pages, v_pages;
+  tensor_view<const std::int32_t, 2> block_table;
+  tensor_view<const std::int32_t, 1> seqlens;
+  [[nodiscard]] std::int64_t page_size() const noexcept { return k_pages.shape[1]; }
+  [[nodiscard]] std::int64_t len(std::int64_t b) const noexcept { return seqlens(b); }
+  [[nodiscard]] const KV* k_row(std::int64_t b, std::int64_t j, std::int64_t h) const noexcept {
+    const std::int64_t ps = page_size();
+    return &k_pages(block_table(b, j / ps), j % ps, h, 0);
+  }
+  [[nodiscard]] const KV* v_row(std::int64_t b, std::int64_t j, std::int64_t h) const noexcept {
+    const std::int64_t ps = page_size();
+    return &v_pages(block_table(b, j / ps), j % ps, h, 0);
+  }
+  /// In place only when the tile stays inside one page.
+  [[nodiscard]] kv_tile_rows<KV> tile(std::int64_t b, std::int64_t a, std::int64_t n,
+                                      std::int64_t h) const noexcept {
+    const std::int64_t ps = page_size();
+    if (a / ps != (a + n - 1) / ps) return {};
+    return {k_row(b, a, h), v_row(b, a, h), k_pages.stride[1], v_pages.stride[1]};
+  }
+};
+
+}  // namespace headwise::engine

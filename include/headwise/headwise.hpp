@@ -5,3 +5,4 @@
 
 #include "core/core.hpp"
 #include "variants/attention.hpp"
+#include "variants/kv_cache.hpp"

@@ -32,18 +32,19 @@ void attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_view<
       detail::check_attention<KV>(c, q, tensor_view<const KV, 4>(k), tensor_view<const KV, 4>(v), out, opt, lse);
   const double scale = pb.scale;
   const auto& hm = pb.heads;
-  std::vector<double> s(static_cast<std::size_t>(pb.seq_kv)), acc(static_cast<std::size_t>(pb.dim_v));
+  const std::int64_t seq_q = q.shape[1], seq_kv = k.shape[1];
+  std::vector<double> s(static_cast<std::size_t>(seq_kv)), acc(static_cast<std::size_t>(pb.dim_v));
   for (std::int64_t b = 0; b < pb.batch; ++b)
     for (std::int64_t h = 0; h < hm.heads_out; ++h) {
       // Attention head h: query head h mod heads_q; KV head by the map.
       const std::int64_t hq = h % hm.heads_q;
       const std::int64_t hk = opt.heads == head_map::interleave ? h / (hm.heads_q / hm.heads_kv) : h % hm.heads_kv;
-      for (std::int64_t i = 0; i < pb.seq_q; ++i) {
+      for (std::int64_t i = 0; i < seq_q; ++i) {
         double mx = -std::numeric_limits<double>::infinity();
         const double sink = opt.sink_logits.absent() ? mx : static_cast<double>(opt.sink_logits(h));
-        for (std::int64_t j = 0; j < pb.seq_kv; ++j) {
+        for (std::int64_t j = 0; j < seq_kv; ++j) {
           double x = -std::numeric_limits<double>::infinity();
-          if (visible(opt, i, j, pb.seq_q, pb.seq_kv)) {
+          if (visible(opt, i, j, seq_q, seq_kv)) {
             double dot = 0;
             for (std::int64_t d = 0; d < pb.dim_qk; ++d)
               dot += static_cast<double>(q(b, i, hq, d)) * static_cast<double>(to_float(k(b, j, hk, d)));
@@ -57,7 +58,7 @@ void attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_view<
         double den = 0;
         std::fill(acc.begin(), acc.end(), 0.0);
         if (mx != -std::numeric_limits<double>::infinity()) {
-          for (std::int64_t j = 0; j < pb.seq_kv; ++j) {
+          for (std::int64_t j = 0; j < seq_kv; ++j) {
             const double p = std::exp(s[static_cast<std::size_t>(j)] - mx);
             if (p == 0) continue;
             den += p;

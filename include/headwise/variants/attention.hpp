@@ -6,6 +6,7 @@
 #include <cmath>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "../core/checks.hpp"
 #include "../core/dtype.hpp"
@@ -16,11 +17,74 @@ namespace headwise {
 
 namespace detail {
 
+/// Checks the head counts against the head map; returns the map.
+inline engine::head_mapper check_heads(const checker& c, const attention_options& opt, std::int64_t heads_q,
+                                       std::int64_t heads_kv, const std::string& kv_arg) {
+  c.require(opt.heads == head_map::interleave || opt.heads == head_map::tile, "options.heads",
+            "interleave or tile", to_text(static_cast<int>(opt.heads)));
+  if (opt.heads == head_map::interleave) {
+    c.require(heads_q % heads_kv == 0, kv_arg,
+              "a divisor of heads_q = " + to_text(heads_q) +
+                  " for head_map::interleave (use head_map::tile for heads_kv > heads_q, reverse SQA)",
+              to_text(heads_kv));
+  } else {
+    const std::int64_t hi = std::max(heads_q, heads_kv), lo = std::min(heads_q, heads_kv);
+    c.require(hi % lo == 0, kv_arg, "heads_q and heads_kv where one divides the other for head_map::tile",
+              "heads_q = " + to_text(heads_q) + ", heads_kv = " + to_text(heads_kv));
+  }
+  return engine::head_mapper::make(opt.heads, heads_q, heads_kv);
+}
+
+/// Checks the options that do not depend on the tensors' layout.
+inline void check_options(const checker& c, const attention_options& opt, std::int64_t heads_out) {
+  if (opt.scale) c.require(std::isfinite(*opt.scale), "options.scale", "a finite value", to_text(*opt.scale));
+  c.require(std::isfinite(opt.softcap) && opt.softcap >= 0.0f, "options.softcap", "a finite value >= 0 (0 = off)",
+            to_text(opt.softcap));
+  c.require(opt.window_left >= -1, "options.window_left", ">= -1 (-1 = unbounded)", to_text(opt.window_left));
+  c.require(opt.window_right >= -1, "options.window_right", ">= -1 (-1 = unbounded)", to_text(opt.window_right));
+  c.require(opt.causal == causal_mode::none || opt.window_right <= 0, "options.window_right",
+            "-1 or 0 with a causal mask", to_text(opt.window_right));
+  c.require(opt.sink_tokens >= 0, "options.sink_tokens", ">= 0", to_text(opt.sink_tokens));
+  c.require(opt.num_threads >= 0, "options.num_threads", ">= 0 (0 = OpenMP default)", to_text(opt.num_threads));
+  c.require(opt.causal == causal_mode::none || opt.causal == causal_mode::bottom_right ||
+                opt.causal == causal_mode::top_left,
+            "options.causal", "none, bottom_right or top_left", to_text(static_cast<int>(opt.causal)));
+  if (!opt.sink_logits.absent()) {
+    c.view(opt.sink_logits, "options.sink_logits", {1}, {"heads_out"});
+    c.equal(opt.sink_logits.shape[0], heads_out, "options.sink_logits.shape[0] (heads_out)", "out.shape[2]");
+    for (std::int64_t h = 0; h < heads_out; ++h) {
+      const float s = opt.sink_logits(h);
+      c.require(!std::isnan(s) && s != INFINITY, "options.sink_logits[" + to_text(h) + "]",
+                "a finite value or -inf (no sink)", to_text(s));
+    }
+  }
+}
+
+/// Outputs (out, lse) may not overlap an input, sink logits or each other; V may alias K.
+template <class O, class L, class... In>
+void check_outputs(const checker& c, const O& out, const L& lse, const attention_options& opt,
+                   const std::pair<const char*, In>&... inputs) {
+  c.no_self_overlap(out, "out");
+  (c.no_alias(out, "out", inputs.second, inputs.first), ...);
+  c.no_alias(out, "out", opt.sink_logits, "options.sink_logits");
+  if (!lse.absent()) {
+    c.no_self_overlap(lse, "lse");
+    c.no_alias(lse, "lse", out, "out");
+    (c.no_alias(lse, "lse", inputs.second, inputs.first), ...);
+    c.no_alias(lse, "lse", opt.sink_logits, "options.sink_logits");
+  }
+}
+
+/// Softmax scale: the option, or 1/sqrt(dim_qk).
+inline float resolve_scale(const attention_options& opt, std::int64_t dim_qk) {
+  return opt.scale ? *opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(dim_qk)));
+}
+
 /// Validates the arguments of a dense attention call; returns the resolved problem.
 template <class KV>
-engine::problem<KV> check_attention(const checker& c, tensor_view<const float, 4> q, tensor_view<const KV, 4> k,
-                                    tensor_view<const KV, 4> v, tensor_view<float, 4> out,
-                                    const attention_options& opt, tensor_view<float, 3> lse) {
+engine::problem<engine::dense_q, engine::dense_kv<KV>> check_attention(
+    const checker& c, tensor_view<const float, 4> q, tensor_view<const KV, 4> k, tensor_view<const KV, 4> v,
+    tensor_view<float, 4> out, const attention_options& opt, tensor_view<float, 3> lse) {
   static_assert(is_kv_dtype_v<KV>, "headwise: K/V storage must be float, headwise::bf16 or headwise::f16");
   c.view(q, "q", {1, 0, 1, 1}, {"batch", "seq_q", "heads_q", "dim_qk"});
   c.view(k, "k", {1, 0, 1, 1}, {"batch", "seq_kv", "heads_kv", "dim_qk"});
@@ -36,18 +100,7 @@ engine::problem<KV> check_attention(const checker& c, tensor_view<const float, 4
   c.equal(v.shape[2], heads_kv, "v.shape[2] (heads_kv)", "k.shape[2]");
   c.equal(out.shape[1], seq_q, "out.shape[1] (seq_q)", "q.shape[1]");
   c.equal(out.shape[3], dim_v, "out.shape[3] (dim_v)", "v.shape[3]");
-  if (opt.heads == head_map::interleave) {
-    c.require(heads_q % heads_kv == 0, "k.shape[2] (heads_kv)",
-              "a divisor of heads_q = " + to_text(heads_q) +
-                  " for head_map::interleave (use head_map::tile for heads_kv > heads_q, reverse SQA)",
-              to_text(heads_kv));
-  } else {
-    const std::int64_t hi = std::max(heads_q, heads_kv), lo = std::min(heads_q, heads_kv);
-    c.require(hi % lo == 0, "k.shape[2] (heads_kv)",
-              "heads_q and heads_kv where one divides the other for head_map::tile",
-              "heads_q = " + to_text(heads_q) + ", heads_kv = " + to_text(heads_kv));
-  }
-  const engine::head_mapper heads = engine::head_mapper::make(opt.heads, heads_q, heads_kv);
+  const engine::head_mapper heads = check_heads(c, opt, heads_q, heads_kv, "k.shape[2] (heads_kv)");
   c.equal(out.shape[2], heads.heads_out, "out.shape[2] (heads_out)",
           opt.heads == head_map::interleave ? "heads_q" : "max(heads_q, heads_kv)");
   if (!lse.absent()) {
@@ -56,68 +109,29 @@ engine::problem<KV> check_attention(const checker& c, tensor_view<const float, 4
     c.equal(lse.shape[1], heads.heads_out, "lse.shape[1] (heads_out)", "out.shape[2]");
     c.equal(lse.shape[2], seq_q, "lse.shape[2] (seq_q)", "q.shape[1]");
   }
-  // Options.
-  if (opt.scale) c.require(std::isfinite(*opt.scale), "options.scale", "a finite value", to_text(*opt.scale));
-  c.require(std::isfinite(opt.softcap) && opt.softcap >= 0.0f, "options.softcap", "a finite value >= 0 (0 = off)",
-            to_text(opt.softcap));
-  c.require(opt.window_left >= -1, "options.window_left", ">= -1 (-1 = unbounded)", to_text(opt.window_left));
-  c.require(opt.window_right >= -1, "options.window_right", ">= -1 (-1 = unbounded)", to_text(opt.window_right));
-  c.require(opt.causal == causal_mode::none || opt.window_right <= 0, "options.window_right",
-            "-1 or 0 with a causal mask", to_text(opt.window_right));
-  c.require(opt.sink_tokens >= 0, "options.sink_tokens", ">= 0", to_text(opt.sink_tokens));
-  c.require(opt.num_threads >= 0, "options.num_threads", ">= 0 (0 = OpenMP default)", to_text(opt.num_threads));
-  c.require(opt.causal == causal_mode::none || opt.causal == causal_mode::bottom_right ||
-                opt.causal == causal_mode::top_left,
-            "options.causal", "none, bottom_right or top_left", to_text(static_cast<int>(opt.causal)));
-  c.require(opt.heads == head_map::interleave || opt.heads == head_map::tile, "options.heads",
-            "interleave or tile", to_text(static_cast<int>(opt.heads)));
-  if (!opt.sink_logits.absent()) {
-    c.view(opt.sink_logits, "options.sink_logits", {1}, {"heads_out"});
-    c.equal(opt.sink_logits.shape[0], heads.heads_out, "options.sink_logits.shape[0] (heads_out)",
-            "out.shape[2]");
-    for (std::int64_t h = 0; h < heads.heads_out; ++h) {
-      const float s = opt.sink_logits(h);
-      c.require(!std::isnan(s) && s != INFINITY, "options.sink_logits[" + to_text(h) + "]",
-                "a finite value or -inf (no sink)", to_text(s));
-    }
-  }
-  // Aliasing: outputs may not overlap inputs or each other (V may alias K).
-  c.no_self_overlap(out, "out");
-  c.no_alias(out, "out", q, "q");
-  c.no_alias(out, "out", k, "k");
-  c.no_alias(out, "out", v, "v");
-  c.no_alias(out, "out", opt.sink_logits, "options.sink_logits");
-  if (!lse.absent()) {
-    c.no_self_overlap(lse, "lse");
-    c.no_alias(lse, "lse", out, "out");
-    c.no_alias(lse, "lse", q, "q");
-    c.no_alias(lse, "lse", k, "k");
-    c.no_alias(lse, "lse", v, "v");
-    c.no_alias(lse, "lse", opt.sink_logits, "options.sink_logits");
-  }
+  check_options(c, opt, heads.heads_out);
+  check_outputs(c, out, lse, opt, std::pair<const char*, decltype(q)>{"q", q},
+                std::pair<const char*, decltype(k)>{"k", k}, std::pair<const char*, decltype(v)>{"v", v});
 
-  engine::problem<KV> pb;
-  pb.q = q;
-  pb.k = k;
-  pb.v = v;
-  pb.out = out;
-  pb.lse = lse;
+  engine::problem<engine::dense_q, engine::dense_kv<KV>> pb;
+  pb.qs = engine::dense_q{q, out, lse};
+  pb.ks = engine::dense_kv<KV>{k, v};
   pb.sink_logits = opt.sink_logits;
   pb.heads = heads;
   pb.batch = batch;
-  pb.seq_q = seq_q;
-  pb.seq_kv = seq_kv;
   pb.dim_qk = dim_qk;
   pb.dim_v = dim_v;
-  pb.scale = opt.scale ? *opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(dim_qk)));
+  pb.scale = resolve_scale(opt, dim_qk);
   return pb;
 }
 
-/// The band mask the options describe; the diagonal is bottom-right aligned unless top_left.
-inline engine::band_mask make_band(const attention_options& opt, std::int64_t seq_q, std::int64_t seq_kv) {
-  engine::band_mask m;
-  m.seq_kv = seq_kv;
-  m.offset = opt.causal == causal_mode::top_left ? 0 : seq_kv - seq_q;
+/// The band the options describe (bottom-right diagonal unless top_left), or none.
+inline bool banded(const attention_options& opt) {
+  return opt.causal != causal_mode::none || opt.window_left >= 0 || opt.window_right >= 0;
+}
+inline engine::band_spec make_band(const attention_options& opt) {
+  engine::band_spec m;
+  m.top_left = opt.causal == causal_mode::top_left;
   m.left = opt.window_left;
   m.right = opt.causal != causal_mode::none ? 0 : opt.window_right;
   m.sink_tokens = opt.sink_tokens;
@@ -125,9 +139,8 @@ inline engine::band_mask make_band(const attention_options& opt, std::int64_t se
 }
 
 /// Picks the mask and score policies (compile-time fast paths) and runs the engine.
-template <class Arch, class KV>
-void run_attention(const engine::problem<KV>& pb, const attention_options& opt, const engine::blocking& blk) {
-  const bool banded = opt.causal != causal_mode::none || opt.window_left >= 0 || opt.window_right >= 0;
+template <class Arch, class QS, class KS>
+void run_attention(const engine::problem<QS, KS>& pb, const attention_options& opt, const engine::blocking& blk) {
   auto with_score = [&](const auto& mask) {
     if (opt.softcap > 0.0f) {
       engine::run<Arch>(pb, mask, engine::softcap_score{opt.softcap}, blk, opt.num_threads);
@@ -135,10 +148,10 @@ void run_attention(const engine::problem<KV>& pb, const attention_options& opt, 
       engine::run<Arch>(pb, mask, engine::plain_score{}, blk, opt.num_threads);
     }
   };
-  if (banded) {
-    with_score(make_band(opt, pb.seq_q, pb.seq_kv));
+  if (banded(opt)) {
+    with_score(make_band(opt));
   } else {
-    with_score(engine::no_mask{pb.seq_kv});
+    with_score(engine::no_mask_spec{});
   }
 }
 
@@ -150,7 +163,7 @@ using kv_storage_t = std::remove_const_t<T>;
 /// Default work decomposition for this architecture (lanes per work item, keys per tile).
 template <class Arch = tile::default_arch>
 engine::blocking default_blocking() noexcept {
-  return engine::blocking{128, 64};
+  return engine::blocking{};
 }
 
 /// Scaled dot-product attention, FlashAttention-style, on [batch, seq, heads, dim] views:
@@ -180,8 +193,13 @@ void attention_blocked(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tens
   using KV = detail::kv_storage_t<KT>;
   const detail::checker c("headwise::attention");
   detail::checker("headwise::attention_blocked")
-      .require(blk.rows >= 1 && blk.block_kv >= 1, "blk", "rows >= 1 and block_kv >= 1",
-               std::to_string(blk.rows) + ", " + std::to_string(blk.block_kv));
+      .require(blk.rows >= 1 && blk.block_kv >= 1 && blk.decode_block_kv >= 1 && blk.split_kv >= 0 &&
+                   blk.prefetch_bytes >= 0,
+               "blk",
+               "rows, block_kv, decode_block_kv >= 1 and split_kv, prefetch_bytes >= 0",
+               std::to_string(blk.rows) + ", " + std::to_string(blk.block_kv) + ", " +
+                   std::to_string(blk.decode_block_kv) + ", " + std::to_string(blk.split_kv) + ", " +
+                   std::to_string(blk.prefetch_bytes));
   const auto pb = detail::check_attention<KV>(c, q, tensor_view<const KV, 4>(k), tensor_view<const KV, 4>(v), out,
                                               options, lse);
   detail::run_attention<tile::default_arch>(pb, options, blk);

@@ -757,7 +757,8 @@ struct blocking_case {
 class BlockedTest : public ::testing::TestWithParam<blocking_case> {};
 
 TEST_P(BlockedTest, MatchesReference) {
-  const blocking blk{GetParam().rows, GetParam().block_kv};
+  // decode tiles and KV splits follow block_kv, so small blockings also cut decode rows into splits
+  const blocking blk{GetParam().rows, GetParam().block_kv, GetParam().block_kv, 3 * GetParam().block_kv};
   struct cfg {
     std::int64_t sq, skv, hq, hkv;
     causal_mode causal;

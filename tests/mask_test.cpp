@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <random>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -28,7 +29,7 @@ struct tile_rec {
 template <class Mask>
 std::vector<tile_rec> tiles_of(const Mask& m, std::int64_t p0, std::int64_t p1, std::int64_t block_kv) {
   std::vector<tile_rec> t;
-  m.for_each_tile(p0, p1, block_kv, [&](std::int64_t a, std::int64_t n, bool full) { t.push_back({a, n, full}); });
+  m.for_each_tile(p0, p1, 0, std::numeric_limits<std::int64_t>::max(), block_kv, [&](std::int64_t a, std::int64_t n, bool full) { t.push_back({a, n, full}); });
   return t;
 }
 
@@ -142,7 +143,7 @@ TEST_P(BandMaskRandom, OptionBandsMatchReferenceVisibility) {
     // A band is only used when something bounds it; sinks matter only with a left window.
     if (o.causal == causal_mode::none && o.window_left < 0 && o.window_right < 0) o.window_left = pick(g, 0, 50);
     o.sink_tokens = g() % 2 ? 0 : pick(g, 0, 280);
-    const band_mask m = headwise::detail::make_band(o, seq_q, seq_kv);
+    const band_mask m = headwise::detail::make_band(o).make(seq_q, seq_kv);
     const std::int64_t block_kv = pick_block_kv(g);
     const std::int64_t p0 = pick(g, 0, seq_q - 1), p1 = pick(g, p0 + 1, std::min(seq_q, p0 + 80));
     auto vis = [&](std::int64_t i, std::int64_t j) { return headwise::reference::visible(o, i, j, seq_q, seq_kv); };
@@ -170,7 +171,7 @@ TEST(BandMask, WholeRangeOfEveryBlockPartition) {
             o.causal = c;
             o.window_left = left;
             o.sink_tokens = sinks;
-            const band_mask m = headwise::detail::make_band(o, seq_q, seq_kv);
+            const band_mask m = headwise::detail::make_band(o).make(seq_q, seq_kv);
             for (std::int64_t p0 = 0; p0 < seq_q; p0 += bq) {
               const std::int64_t p1 = std::min(seq_q, p0 + bq);
               ASSERT_TRUE(check_block(m, p0, p1, block_kv, [&](std::int64_t i, std::int64_t j) {
@@ -187,7 +188,7 @@ TEST(BandMask, CausalDiagonalTilesAreSplitIntoFullAndBoundary) {
   // beyond 127 is visited.
   attention_options o;
   o.causal = causal_mode::bottom_right;
-  const band_mask m = headwise::detail::make_band(o, 256, 256);
+  const band_mask m = headwise::detail::make_band(o).make(256, 256);
   const auto t = tiles_of(m, 64, 128, 64);
   ASSERT_EQ(t.size(), 2u);
   EXPECT_EQ(t[0].a, 0);
@@ -202,10 +203,10 @@ TEST(BandMask, NothingVisibleVisitsNothing) {
   attention_options o;
   o.causal = causal_mode::bottom_right;
   // seq_q 100 > seq_kv 30: queries 0..69 see no key.
-  const band_mask m = headwise::detail::make_band(o, 100, 30);
+  const band_mask m = headwise::detail::make_band(o).make(100, 30);
   EXPECT_TRUE(tiles_of(m, 0, 70, 16).empty());
   EXPECT_FALSE(tiles_of(m, 0, 71, 16).empty());
-  const band_mask empty_kv = headwise::detail::make_band(o, 5, 0);
+  const band_mask empty_kv = headwise::detail::make_band(o).make(5, 0);
   EXPECT_TRUE(tiles_of(empty_kv, 0, 5, 16).empty());
 }
 

@@ -420,4 +420,124 @@ inline constexpr double kLseRelTol = 4e-6;
 /// Never below kOutTol (exp2 and accumulation error at O(1) logits).
 inline double out_tol_for_logits(double max_abs_logit) { return std::max(kOutTol, 1e-6 * max_abs_logit); }
 
+
+// ---------------------------------------------------------------------------------------------
+// KV caches (decode_test.cpp, kv_cache_test.cpp): stored K/V per sequence, paged caches built
+// from them, bitwise comparisons of raw buffers, argument errors
+// ---------------------------------------------------------------------------------------------
+
+/// Bitwise equality of n floats (distinguishes -0/+0, compares NaN payloads).
+inline ::testing::AssertionResult BitwiseEqualN(const float* a, const float* b, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i)
+    if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0)
+      return ::testing::AssertionFailure() << "first difference at index " << i << " of " << n << ": " << a[i]
+                                           << " vs " << b[i];
+  return ::testing::AssertionSuccess();
+}
+
+/// The raw bytes of a buffer (to check that an output was left untouched).
+template <class T>
+std::vector<unsigned char> bytes_of(const std::vector<T>& v) {
+  std::vector<unsigned char> b(v.size() * sizeof(T));
+  if (!v.empty()) std::memcpy(b.data(), v.data(), b.size());
+  return b;
+}
+
+/// n values drawn from N(0, stddev²) in f32 and stored as T (the stored values are the truth).
+template <class T>
+std::vector<T> random_stored(std::size_t n, std::uint64_t seed, float stddev = 1.0f) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> nd(0.0f, stddev);
+  std::vector<T> v(n);
+  for (auto& x : v) x = headwise::from_float<T>(nd(gen));
+  return v;
+}
+
+/// A paged KV cache (pages [num_pages, page_size, heads_kv, dim]) holding batch sequences. Pages
+/// are handed out from a shuffled list, so consecutive pages of a sequence are scattered; spare
+/// pages and the rows past a sequence's end hold NaN (reading them poisons the result); block-table
+/// entries past a sequence's last page are -1 (out of range on purpose: they must not be read).
+template <class T>
+struct paged_cache {
+  std::int64_t batch = 0, page_size = 1, num_pages = 0, max_pages = 0, heads_kv = 1, dim_qk = 1, dim_v = 1;
+  std::vector<T> k_pages, v_pages;
+  std::vector<std::int32_t> block_table, seqlens;
+
+  /// Allocates pages for alloc_lens[b] tokens of each sequence; seqlens = alloc_lens.
+  paged_cache(const std::vector<std::int64_t>& alloc_lens, std::int64_t page_size_, std::int64_t heads_kv_,
+              std::int64_t dim_qk_, std::int64_t dim_v_, std::uint64_t seed, std::int64_t spare_pages = 3,
+              std::int64_t spare_table_cols = 1)
+      : batch(static_cast<std::int64_t>(alloc_lens.size())), page_size(page_size_), heads_kv(heads_kv_),
+        dim_qk(dim_qk_), dim_v(dim_v_) {
+    std::vector<std::int64_t> need;
+    for (const auto len : alloc_lens) {
+      need.push_back((len + page_size - 1) / page_size);
+      num_pages += need.back();
+      max_pages = std::max(max_pages, need.back());
+    }
+    num_pages += spare_pages;
+    max_pages += spare_table_cols;
+    k_pages.assign(static_cast<std::size_t>(num_pages * page_size * heads_kv * dim_qk), nan_of<T>());
+    v_pages.assign(static_cast<std::size_t>(num_pages * page_size * heads_kv * dim_v), nan_of<T>());
+    std::vector<std::int32_t> perm(static_cast<std::size_t>(num_pages));
+    for (std::size_t i = 0; i < perm.size(); ++i) perm[i] = static_cast<std::int32_t>(i);
+    std::mt19937_64 gen(seed);
+    std::shuffle(perm.begin(), perm.end(), gen);
+    block_table.assign(static_cast<std::size_t>(batch * std::max<std::int64_t>(max_pages, 1)), -1);
+    std::size_t next = 0;
+    for (std::int64_t b = 0; b < batch; ++b)
+      for (std::int64_t p = 0; p < need[static_cast<std::size_t>(b)]; ++p)
+        block_table[static_cast<std::size_t>(b * max_pages + p)] = perm[next++];
+    for (const auto len : alloc_lens) seqlens.push_back(static_cast<std::int32_t>(len));
+  }
+
+  /// Where token j of sequence b lives (element offset of its head-0 row in k_pages / v_pages).
+  [[nodiscard]] std::int64_t k_offset(std::int64_t b, std::int64_t j, std::int64_t h) const {
+    const std::int64_t page = block_table[static_cast<std::size_t>(b * max_pages + j / page_size)];
+    return ((page * page_size + j % page_size) * heads_kv + h) * dim_qk;
+  }
+  [[nodiscard]] std::int64_t v_offset(std::int64_t b, std::int64_t j, std::int64_t h) const {
+    const std::int64_t page = block_table[static_cast<std::size_t>(b * max_pages + j / page_size)];
+    return ((page * page_size + j % page_size) * heads_kv + h) * dim_v;
+  }
+
+  /// Copies a sequence's len tokens of contiguous K/V ([len, heads_kv, dim], stored T) into its pages.
+  void fill(std::int64_t b, std::int64_t len, const T* k, const T* v) {
+    for (std::int64_t j = 0; j < len; ++j)
+      for (std::int64_t h = 0; h < heads_kv; ++h) {
+        std::copy_n(k + (j * heads_kv + h) * dim_qk, dim_qk, k_pages.data() + k_offset(b, j, h));
+        std::copy_n(v + (j * heads_kv + h) * dim_v, dim_v, v_pages.data() + v_offset(b, j, h));
+      }
+  }
+
+  [[nodiscard]] tensor_view<T, 4> k_view() { return {k_pages.data(), {num_pages, page_size, heads_kv, dim_qk}}; }
+  [[nodiscard]] tensor_view<T, 4> v_view() { return {v_pages.data(), {num_pages, page_size, heads_kv, dim_v}}; }
+  [[nodiscard]] tensor_view<const std::int32_t, 2> table_view() const {
+    return {block_table.data(), {batch, max_pages}};
+  }
+  [[nodiscard]] tensor_view<const std::int32_t, 1> seqlens_view() const { return {seqlens.data(), {batch}}; }
+  [[nodiscard]] headwise::paged_kv<T> view() const {
+    return {{k_pages.data(), {num_pages, page_size, heads_kv, dim_qk}},
+            {v_pages.data(), {num_pages, page_size, heads_kv, dim_v}},
+            table_view(),
+            seqlens_view()};
+  }
+};
+
+/// f() throws headwise::argument_error whose argument() and what() contain `arg`.
+template <class F>
+::testing::AssertionResult ThrowsArgumentError(F&& f, const std::string& arg) {
+  try {
+    f();
+  } catch (const headwise::argument_error& e) {
+    if (e.argument().find(arg) == std::string::npos || std::string(e.what()).find(arg) == std::string::npos)
+      return ::testing::AssertionFailure() << "argument_error names '" << e.argument() << "', expected '" << arg
+                                           << "'; what(): " << e.what();
+    return ::testing::AssertionSuccess() << e.what();
+  } catch (const std::exception& e) {
+    return ::testing::AssertionFailure() << "wrong exception type: " << e.what();
+  }
+  return ::testing::AssertionFailure() << "no exception; expected argument_error naming '" << arg << "'";
+}
+
 }  // namespace hwt

@@ -48,6 +48,8 @@ struct shape {
   int threads = 1;
   headwise::head_map heads = headwise::head_map::interleave;
   std::int64_t rows = 0, block_kv = 0;  ///< explicit engine::blocking (tuning family); 0 = default
+  std::int64_t page_size = 0;           ///< paged KV cache (decode_paged families); 0 = contiguous
+  bool name_causal = true;              ///< decode names omit causal (bottom-right, all keys visible)
 
   /// `<family>[_<dtype>]/b:../sq:../skv:../hq:../hkv:../dqk:../dv:../causal:../threads:..`
   /// (DESIGN.md §4), plus `/rows:../bkv:..` for the tuning family.
@@ -67,7 +69,8 @@ struct shape {
     arg("hkv", heads_kv);
     arg("dqk", dim_qk);
     arg("dv", dim_v);
-    arg("causal", causal ? 1 : 0);
+    if (name_causal) arg("causal", causal ? 1 : 0);
+    if (page_size > 0) arg("page", page_size);
     arg("threads", threads);
     if (rows > 0) {
       arg("rows", rows);
@@ -186,6 +189,9 @@ void add_machine_context(const std::vector<int>& thread_counts);
 
 std::vector<shape> dense_shapes(const plan_options& opt);
 void register_dense_benchmarks(const std::vector<shape>& shapes);
+
+std::vector<shape> decode_shapes(const plan_options& opt);
+void register_decode_benchmarks(const std::vector<shape>& shapes);
 
 std::vector<shape> unfused_eigen_shapes(const plan_options& opt);
 void register_unfused_eigen_benchmarks(const std::vector<shape>& shapes);

@@ -2,11 +2,19 @@
 /// @brief The unfused_eigen baseline: per (batch, head), S = scale·Q·Kᵀ materialised with an
 /// Eigen GEMM, causal mask, row softmax, O = P·V with a second Eigen GEMM.
 
+// GCC 12 flags AVX-512 intrinsics inside Eigen's own GEMM packing (_mm512_undefined_ps) as
+// maybe-uninitialized; the pragma has to cover Eigen's templates, i.e. its include.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <Eigen/Core>
 #include <cmath>
 #include <limits>
 
 #include "common.hpp"
+
 
 namespace headwise_bench {
 
@@ -91,3 +99,7 @@ void register_unfused_eigen_benchmarks(const std::vector<shape>& shapes) {
 }
 
 }  // namespace headwise_bench
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

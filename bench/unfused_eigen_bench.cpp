@@ -70,13 +70,16 @@ void unfused_attention(const shape& s, dense_inputs<float>& in, row_matrix& scor
 }  // namespace
 
 std::vector<shape> unfused_eigen_shapes(const plan_options& opt) {
-  // Every f32 mha shape of the dense plan (default: L=2048 H=8 D=128, causal 0 and 1, one
-  // thread; --full: all the mha sweeps up to L=4096).
+  // Every f32 mha, gqa and sqa shape of the dense plan with the interleave head map (default:
+  // L=2048 D=128 at one thread: MHA H=8 causal 0 and 1, GQA 32/8, SQA 8/4 and 4/4; --full: the
+  // sweeps up to L=4096). Reverse SQA (tile head map) has no baseline.
   plan_options dense = opt;
   dense.tune = false;
   std::vector<shape> list;
   for (shape s : dense_shapes(dense)) {
-    if (s.family != "mha" || s.dtype != kv_dtype::f32) continue;
+    if ((s.family != "mha" && s.family != "gqa" && s.family != "sqa") || s.dtype != kv_dtype::f32 ||
+        s.heads != headwise::head_map::interleave)
+      continue;
     if (!opt.full && (s.threads != 1 || s.seq_q != 2048)) continue;
     if (s.seq_q > 4096 || s.seq_kv > 4096) continue;
     s.family = "unfused_eigen";

@@ -25,7 +25,8 @@
 
 namespace headwise::tile {
 
-/// Register tile of Rows x Vecs float vectors (shape in the type, as ThunderKittens' rt).
+/// Register tile of Rows x Vecs float vectors (shape in the type, as ThunderKittens' rt): the
+/// accumulators of a microkernel. Its loops are fully unrolled so it never leaves registers.
 template <int Rows, int Vecs, class Arch>
 struct reg_tile {
   static_assert(Rows > 0 && Vecs > 0, "reg_tile: empty shape");
@@ -35,6 +36,15 @@ struct reg_tile {
   batch v[Rows][Vecs];
 };
 
+/// One row of a register tile: Vecs float vectors (a microkernel's vector operand).
+template <int Vecs, class Arch>
+struct reg_vec {
+  static_assert(Vecs > 0, "reg_vec: empty shape");
+  using batch = xsimd::batch<float, Arch>;
+  static constexpr int vecs = Vecs;
+  batch v[Vecs];
+};
+
 /// S_buf[j][r] = Σ_d K[j][d] · Q_buf[d][r] for Rows keys and Vecs lane vectors.
 /// s: (Rows, ld_s) key-major; k: Rows rows of dim_qk at stride ld_k; q: (dim_qk, ld_q) aligned.
 template <int Rows, int Vecs, class Arch>
@@ -42,26 +52,26 @@ inline void mma_abt(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_
                     std::ptrdiff_t ld_q, std::ptrdiff_t dim_qk) noexcept {
   using B = xsimd::batch<float, Arch>;
   constexpr std::ptrdiff_t w = B::size;
-  B acc[Rows][Vecs];  // (Rows keys, Vecs·lanes query rows): a reg_tile's registers
+  reg_tile<Rows, Vecs, Arch> acc;  // (Rows keys, Vecs·lanes query rows)
   HEADWISE_UNROLL
   for (int r = 0; r < Rows; ++r)
     HEADWISE_UNROLL
-    for (int v = 0; v < Vecs; ++v) acc[r][v] = B(0.0f);
+    for (int v = 0; v < Vecs; ++v) acc.v[r][v] = B(0.0f);
   for (std::ptrdiff_t d = 0; d < dim_qk; ++d) {
-    B q_reg[Vecs];  // (1, Vecs·lanes)
+    reg_vec<Vecs, Arch> q_reg;  // (1, Vecs·lanes)
     HEADWISE_UNROLL
-    for (int v = 0; v < Vecs; ++v) q_reg[v] = B::load_aligned(q + d * ld_q + v * w);
+    for (int v = 0; v < Vecs; ++v) q_reg.v[v] = B::load_aligned(q + d * ld_q + v * w);
     HEADWISE_UNROLL
     for (int r = 0; r < Rows; ++r) {
       const B k_bc(k[r * ld_k + d]);  // broadcast K[j][d]
       HEADWISE_UNROLL
-      for (int v = 0; v < Vecs; ++v) acc[r][v] = xsimd::fma(k_bc, q_reg[v], acc[r][v]);
+      for (int v = 0; v < Vecs; ++v) acc.v[r][v] = xsimd::fma(k_bc, q_reg.v[v], acc.v[r][v]);
     }
   }
   HEADWISE_UNROLL
   for (int r = 0; r < Rows; ++r)
     HEADWISE_UNROLL
-    for (int v = 0; v < Vecs; ++v) acc[r][v].store_aligned(s + r * ld_s + v * w);
+    for (int v = 0; v < Vecs; ++v) acc.v[r][v].store_aligned(s + r * ld_s + v * w);
 }
 
 /// O_buf[c][r] = α[r]·O_buf[c][r] + Σ_j V[j][c] · P_buf[j][r] for Rows value dims c and Vecs
@@ -72,31 +82,31 @@ inline void mma_ab(float* o, std::ptrdiff_t ld_o, const float* alpha, const floa
                    const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n) noexcept {
   using B = xsimd::batch<float, Arch>;
   constexpr std::ptrdiff_t w = B::size;
-  B acc[Rows][Vecs];  // (Rows dims, Vecs·lanes query rows): a reg_tile's registers
+  reg_tile<Rows, Vecs, Arch> acc;  // (Rows dims, Vecs·lanes query rows)
   {
-    B a_reg[Vecs];
+    reg_vec<Vecs, Arch> a_reg;
     HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) a_reg[u] = B::load_aligned(alpha + u * w);
+    for (int u = 0; u < Vecs; ++u) a_reg.v[u] = B::load_aligned(alpha + u * w);
     HEADWISE_UNROLL
     for (int r = 0; r < Rows; ++r)
       HEADWISE_UNROLL
-      for (int u = 0; u < Vecs; ++u) acc[r][u] = B::load_aligned(o + r * ld_o + u * w) * a_reg[u];
+      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = B::load_aligned(o + r * ld_o + u * w) * a_reg.v[u];
   }
   for (std::ptrdiff_t j = 0; j < n; ++j) {
-    B p_reg[Vecs];  // (1, Vecs·lanes)
+    reg_vec<Vecs, Arch> p_reg;  // (1, Vecs·lanes)
     HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) p_reg[u] = B::load_aligned(p + j * ld_p + u * w);
+    for (int u = 0; u < Vecs; ++u) p_reg.v[u] = B::load_aligned(p + j * ld_p + u * w);
     HEADWISE_UNROLL
     for (int r = 0; r < Rows; ++r) {
       const B v_bc(v[j * ld_v + r]);  // broadcast V[j][c]
       HEADWISE_UNROLL
-      for (int u = 0; u < Vecs; ++u) acc[r][u] = xsimd::fma(v_bc, p_reg[u], acc[r][u]);
+      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = xsimd::fma(v_bc, p_reg.v[u], acc.v[r][u]);
     }
   }
   HEADWISE_UNROLL
   for (int r = 0; r < Rows; ++r)
     HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) acc[r][u].store_aligned(o + r * ld_o + u * w);
+    for (int u = 0; u < Vecs; ++u) acc.v[r][u].store_aligned(o + r * ld_o + u * w);
 }
 
 namespace detail {
@@ -164,28 +174,28 @@ inline void mma_ab_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const
                         const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n) noexcept {
   using B = xsimd::batch<float, Arch>;
   constexpr std::ptrdiff_t w = B::size;
-  B acc[Rows][Vecs];  // (Rows query rows, Vecs·lanes value dims)
+  reg_tile<Rows, Vecs, Arch> acc;  // (Rows query rows, Vecs·lanes value dims)
   HEADWISE_UNROLL
   for (int r = 0; r < Rows; ++r) {
     const B a(alpha[r]);
     HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) acc[r][u] = B::load_aligned(o + r * ld_o + u * w) * a;
+    for (int u = 0; u < Vecs; ++u) acc.v[r][u] = B::load_aligned(o + r * ld_o + u * w) * a;
   }
   for (std::ptrdiff_t j = 0; j < n; ++j) {
-    B v_reg[Vecs];  // V[j][c..c+Vecs·lanes)
+    reg_vec<Vecs, Arch> v_reg;  // V[j][c..c+Vecs·lanes)
     HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) v_reg[u] = B::load_unaligned(v + j * ld_v + u * w);
+    for (int u = 0; u < Vecs; ++u) v_reg.v[u] = B::load_unaligned(v + j * ld_v + u * w);
     HEADWISE_UNROLL
     for (int r = 0; r < Rows; ++r) {
       const B p_bc(p[r * ld_p + j]);  // broadcast P[r][j]
       HEADWISE_UNROLL
-      for (int u = 0; u < Vecs; ++u) acc[r][u] = xsimd::fma(p_bc, v_reg[u], acc[r][u]);
+      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = xsimd::fma(p_bc, v_reg.v[u], acc.v[r][u]);
     }
   }
   HEADWISE_UNROLL
   for (int r = 0; r < Rows; ++r)
     HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) acc[r][u].store_aligned(o + r * ld_o + u * w);
+    for (int u = 0; u < Vecs; ++u) acc.v[r][u].store_aligned(o + r * ld_o + u * w);
 }
 
 namespace detail {

@@ -18,6 +18,29 @@ HEADWISE_DIAGNOSTICS_PUSH
 
 namespace headwise::tile {
 
+/// P = 2^(S - m) in place over `count` vectors `stride` floats apart; returns Σ P (lane-wise).
+template <class Arch>
+inline xsimd::batch<float, Arch> exp2_store_sum(float* s, std::ptrdiff_t stride, std::ptrdiff_t count,
+                                                xsimd::batch<float, Arch> m) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  B sum0(0.0f), sum1(0.0f);  // two independent sums
+  std::ptrdiff_t j = 0;
+  for (; j + 2 <= count; j += 2) {
+    const B p0 = exp2_softmax<Arch>(B::load_aligned(s + j * stride) - m);
+    const B p1 = exp2_softmax<Arch>(B::load_aligned(s + (j + 1) * stride) - m);
+    p0.store_aligned(s + j * stride);
+    p1.store_aligned(s + (j + 1) * stride);
+    sum0 += p0;
+    sum1 += p1;
+  }
+  if (j < count) {
+    const B p0 = exp2_softmax<Arch>(B::load_aligned(s + j * stride) - m);
+    p0.store_aligned(s + j * stride);
+    sum0 += p0;
+  }
+  return sum0 + sum1;
+}
+
 /// One online-softmax step over a (n, ld_s) key-major tile, nvec lane vectors:
 ///   m' = max(m, max_j S[j]);  α = 2^(m - m');  P[j] = 2^(S[j] - m');  l' = α·l + Σ_j P[j].
 /// S is overwritten by P. m, l, alpha are aligned lane arrays.
@@ -43,23 +66,9 @@ inline void softmax_update(float* s, std::ptrdiff_t ld_s, std::ptrdiff_t n, std:
     const B m_new = xsimd::max(xsimd::max(mx0, mx1), xsimd::max(xsimd::max(mx2, mx3), m_old));
     const B m_ref = xsimd::select(m_new == neg_inf, B(0.0f), m_new);  // -inf - -inf guard
     const B a = exp2_softmax<Arch>(m_old - m_ref);
-    // P = 2^(S - m'), Σ P: two independent sums.
-    B sum0(0.0f), sum1(0.0f);
-    j = 0;
-    for (; j + 2 <= n; j += 2) {
-      const B p0 = exp2_softmax<Arch>(B::load_aligned(sv + j * ld_s) - m_ref);
-      const B p1 = exp2_softmax<Arch>(B::load_aligned(sv + (j + 1) * ld_s) - m_ref);
-      p0.store_aligned(sv + j * ld_s);
-      p1.store_aligned(sv + (j + 1) * ld_s);
-      sum0 += p0;
-      sum1 += p1;
-    }
-    for (; j < n; ++j) {
-      const B p0 = exp2_softmax<Arch>(B::load_aligned(sv + j * ld_s) - m_ref);
-      p0.store_aligned(sv + j * ld_s);
-      sum0 += p0;
-    }
-    const B l_new = xsimd::fma(a, B::load_aligned(l + v * w), sum0 + sum1);
+    // P = 2^(S - m'), Σ P
+    const B sum = exp2_store_sum<Arch>(sv, ld_s, n, m_ref);
+    const B l_new = xsimd::fma(a, B::load_aligned(l + v * w), sum);
     l_new.store_aligned(l + v * w);
     m_new.store_aligned(m + v * w);
     a.store_aligned(alpha + v * w);
@@ -155,24 +164,9 @@ inline void softmax_update_rows(float* s, std::ptrdiff_t ld_s, std::ptrdiff_t ro
     float m_new = reduce_max<Arch>(xsimd::max(mx0, mx1));
     m_new = m_old > m_new ? m_old : m_new;
     const float m_ref = m_new == ninf ? 0.0f : m_new;  // -inf - -inf guard
-    const B mr(m_ref);
-    B sum0(0.0f), sum1(0.0f);
-    v = 0;
-    for (; v + 2 <= nvec; v += 2) {
-      const B p0 = exp2_softmax<Arch>(B::load_aligned(sr + v * w) - mr);
-      const B p1 = exp2_softmax<Arch>(B::load_aligned(sr + (v + 1) * w) - mr);
-      p0.store_aligned(sr + v * w);
-      p1.store_aligned(sr + (v + 1) * w);
-      sum0 += p0;
-      sum1 += p1;
-    }
-    if (v < nvec) {
-      const B p0 = exp2_softmax<Arch>(B::load_aligned(sr + v * w) - mr);
-      p0.store_aligned(sr + v * w);
-      sum0 += p0;
-    }
+    const B sum = exp2_store_sum<Arch>(sr, w, nvec, B(m_ref));
     const float a = exp2_softmax<Arch>(B(m_old - m_ref)).get(0);
-    l[r] = a * l[r] + xsimd::hadd(sum0 + sum1);
+    l[r] = a * l[r] + xsimd::hadd(sum);
     m[r] = m_new;
     alpha[r] = a;
   }

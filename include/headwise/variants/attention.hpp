@@ -80,6 +80,18 @@ inline float resolve_scale(const attention_options& opt, std::int64_t dim_qk) {
   return opt.scale ? *opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(dim_qk)));
 }
 
+/// Fills the problem's fields that do not depend on where its rows live.
+template <class QS, class KS>
+void finish_problem(engine::problem<QS, KS>& pb, const attention_options& opt, const engine::head_mapper& heads,
+                    std::int64_t batch, std::int64_t dim_qk, std::int64_t dim_v) {
+  pb.sink_logits = opt.sink_logits;
+  pb.heads = heads;
+  pb.batch = batch;
+  pb.dim_qk = dim_qk;
+  pb.dim_v = dim_v;
+  pb.scale = resolve_scale(opt, dim_qk);
+}
+
 /// Validates the arguments of a dense attention call; returns the resolved problem.
 template <class KV>
 engine::problem<engine::dense_q, engine::dense_kv<KV>> check_attention(
@@ -116,12 +128,7 @@ engine::problem<engine::dense_q, engine::dense_kv<KV>> check_attention(
   engine::problem<engine::dense_q, engine::dense_kv<KV>> pb;
   pb.qs = engine::dense_q{q, out, lse};
   pb.ks = engine::dense_kv<KV>{k, v};
-  pb.sink_logits = opt.sink_logits;
-  pb.heads = heads;
-  pb.batch = batch;
-  pb.dim_qk = dim_qk;
-  pb.dim_v = dim_v;
-  pb.scale = resolve_scale(opt, dim_qk);
+  finish_problem(pb, opt, heads, batch, dim_qk, dim_v);
   return pb;
 }
 

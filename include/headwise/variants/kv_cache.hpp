@@ -81,16 +81,6 @@ inline void check_varlen_q(const checker& c, tensor_view<const float, 3> q, tens
   }
 }
 
-template <class QS, class KS>
-void finish_problem(engine::problem<QS, KS>& pb, const attention_options& opt, const engine::head_mapper& heads,
-                    std::int64_t batch, std::int64_t dim_qk, std::int64_t dim_v) {
-  pb.sink_logits = opt.sink_logits;
-  pb.heads = heads;
-  pb.batch = batch;
-  pb.dim_qk = dim_qk;
-  pb.dim_v = dim_v;
-  pb.scale = resolve_scale(opt, dim_qk);
-}
 
 }  // namespace detail
 

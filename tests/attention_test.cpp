@@ -200,6 +200,29 @@ INSTANTIATE_TEST_SUITE_P(
         window_case{129, 129, 4, -1, 3, causal_mode::top_left}, window_case{7, 129, 2, 0, 1, causal_mode::top_left}),
     [](const ::testing::TestParamInfo<window_case>& info) { return info.param.name(); });
 
+TEST(WindowTest, HugeWindowSidesAreUnbounded) {
+  // INT64_MAX used as "no bound" must behave as -1, not overflow the band arithmetic.
+  problem_spec s;
+  s.seq_q = 37;
+  s.seq_kv = 70;
+  s.heads_q = 4;
+  s.heads_kv = 2;
+  s.dim_qk = s.dim_v = 64;
+  constexpr std::int64_t huge = std::numeric_limits<std::int64_t>::max();
+  for (const causal_mode c : {causal_mode::none, causal_mode::bottom_right, causal_mode::top_left}) {
+    attention_options o;
+    o.causal = c;
+    dense_problem<float> a(s, 12), b(s, 12);
+    a.run(o);
+    o.window_left = huge;
+    if (c == causal_mode::none) o.window_right = huge;
+    b.run(o);
+    b.run_reference(o);
+    EXPECT_TRUE(AllClose(a.out_dense(), b.out_dense(), 0.0, kOutTol * a.max_abs_v)) << causal_name(c);
+    expect_matches(b.compare(), std::string("huge window ") + causal_name(c));
+  }
+}
+
 TEST(SinkTokens, WithoutWindowTheyChangeNothing) {
   // Sink tokens only lift the left window bound: with no window they are a no-op.
   problem_spec s;

@@ -106,8 +106,11 @@ struct band_spec {
   std::int64_t left = -1;   ///< -1: unbounded
   std::int64_t right = -1;  ///< -1: unbounded; 0 for causal
   std::int64_t sink_tokens = 0;
+  /// Window sides at or beyond unbounded_hi (e.g. INT64_MAX meant as "no bound") are unbounded,
+  /// which keeps every bound computation of band_mask inside 64 bits.
   [[nodiscard]] band_mask make(std::int64_t seq_q, std::int64_t seq_kv) const noexcept {
-    return band_mask{seq_kv, top_left ? 0 : seq_kv - seq_q, left, right, sink_tokens};
+    auto side = [](std::int64_t w) { return w >= unbounded_hi ? std::int64_t{-1} : w; };
+    return band_mask{seq_kv, top_left ? 0 : seq_kv - seq_q, side(left), side(right), sink_tokens};
   }
 };
 

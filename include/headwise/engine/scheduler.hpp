@@ -73,10 +73,11 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
   const std::int64_t g = pb.heads.group, dv = pb.dim_v, hkv = pb.heads.heads_kv;
   std::vector<work_item> items;
   std::vector<split_group> groups;
-  std::int64_t partial_floats = 0, rows_q = 1, rows_k = 1;
+  std::int64_t partial_floats = 0, rows_q = 0, rows_k = 0, max_skv = 0;
   for (std::int64_t b = 0; b < pb.batch; ++b) {
     const std::int64_t sq = pb.qs.len(b), skv = pb.ks.len(b);
     if (sq == 0) continue;
+    max_skv = std::max(max_skv, skv);
     // Decode (few rows per KV head): keys across lanes, one item for all KV heads of a key
     // range, so the cache is read in address order; the key range is cut into splits.
     const bool keys = use_key_lanes<Arch>(g * sq);
@@ -105,10 +106,13 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
   if (items.empty()) return;
   const auto n_items = static_cast<std::int64_t>(items.size());
   const int nt = resolve_threads(num_threads, n_items);
+  // Tiles never exceed the longest sequence: the same cut, no scratch for keys that do not exist.
+  const std::int64_t bk_q = std::clamp<std::int64_t>(max_skv, 1, blk.block_kv);
+  const std::int64_t bk_k = std::clamp<std::int64_t>(max_skv, 1, blk.decode_block_kv);
   std::vector<workspace> ws(static_cast<std::size_t>(nt));  // allocated before any work
   for (auto& x : ws) {
-    query_lanes<Arch>::reserve(x, rows_q, pb.dim_qk, dv, blk.block_kv);
-    key_lanes<Arch>::reserve(x, rows_k, hkv, pb.dim_qk, dv, blk.decode_block_kv);
+    if (rows_q > 0) query_lanes<Arch>::reserve(x, rows_q, pb.dim_qk, dv, bk_q);
+    if (rows_k > 0) key_lanes<Arch>::reserve(x, rows_k, hkv, pb.dim_qk, dv, bk_k);
   }
   std::vector<float> partial(static_cast<std::size_t>(partial_floats));
 
@@ -130,11 +134,11 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
       }
     };
     if (w.keys) {
-      key_lanes<Arch> lay(mine, rows, hkv, pb.dim_qk, dv, blk.decode_block_kv);
-      go(lay, blk.decode_block_kv);
+      key_lanes<Arch> lay(mine, rows, hkv, pb.dim_qk, dv, bk_k);
+      go(lay, bk_k);
     } else {
       query_lanes<Arch> lay(mine, rows, pb.dim_qk, dv);
-      go(lay, blk.block_kv);
+      go(lay, bk_q);
     }
   }
 

@@ -17,8 +17,9 @@ inline bool visible(const attention_options& o, std::int64_t i, std::int64_t j, 
                     std::int64_t seq_kv) {
   const std::int64_t diag = o.causal == causal_mode::top_left ? i : i + (seq_kv - seq_q);
   if (o.causal != causal_mode::none && j > diag) return false;
-  if (o.window_right >= 0 && j > diag + o.window_right) return false;
-  if (o.window_left >= 0 && j < diag - o.window_left && j >= o.sink_tokens) return false;
+  // Differences, not sums: window sides may be as large as INT64_MAX.
+  if (o.window_right >= 0 && j - diag > o.window_right) return false;
+  if (o.window_left >= 0 && diag - j > o.window_left && j >= o.sink_tokens) return false;
   return true;
 }
 

@@ -6,3 +6,4 @@
 #include "core/core.hpp"
 #include "variants/attention.hpp"
 #include "variants/kv_cache.hpp"
+#include "variants/mla.hpp"

@@ -124,14 +124,11 @@ void attention_varlen(tensor_view<const float, 3> q, tensor_view<KT, 3> k, tenso
   detail::run_attention<tile::default_arch>(pb, options, default_blocking());
 }
 
-/// Attention of a batch of queries against a paged KV cache (decode, or chunked prefill with
-/// equal chunk lengths): q (batch, seq_q, heads_q, dim_qk), out (batch, seq_q, heads_out, dim_v),
-/// lse (batch, heads_out, seq_q). Sequence b attends to its kv.seqlens[b] cached tokens; use
-/// causal_mode::bottom_right so that the queries are the newest tokens.
+namespace detail {
+/// attention_paged() with the caller's checker (its function name in the messages).
 template <class T>
-void attention_paged(tensor_view<const float, 4> q, const paged_kv<T>& kv, tensor_view<float, 4> out,
-                     const attention_options& options = {}, tensor_view<float, 3> lse = {}) {
-  const detail::checker c("headwise::attention_paged");
+void attention_paged_checked(const checker& c, tensor_view<const float, 4> q, const paged_kv<T>& kv,
+                             tensor_view<float, 4> out, const attention_options& options, tensor_view<float, 3> lse) {
   c.view(q, "q", {1, 0, 1, 1}, {"batch", "seq_q", "heads_q", "dim_qk"});
   c.view(out, "out", {1, 0, 1, 1}, {"batch", "seq_q", "heads_out", "dim_v"});
   const std::int64_t batch = q.shape[0];
@@ -158,6 +155,17 @@ void attention_paged(tensor_view<const float, 4> q, const paged_kv<T>& kv, tenso
   pb.ks = engine::paged_kv_source<T>{kv.k_pages, kv.v_pages, kv.block_table, kv.seqlens};
   detail::finish_problem(pb, options, heads, batch, q.shape[3], dim_v);
   detail::run_attention<tile::default_arch>(pb, options, default_blocking());
+}
+}  // namespace detail
+
+/// Attention of a batch of queries against a paged KV cache (decode, or chunked prefill with
+/// equal chunk lengths): q (batch, seq_q, heads_q, dim_qk), out (batch, seq_q, heads_out, dim_v),
+/// lse (batch, heads_out, seq_q). Sequence b attends to its kv.seqlens[b] cached tokens; use
+/// causal_mode::bottom_right so that the queries are the newest tokens.
+template <class T>
+void attention_paged(tensor_view<const float, 4> q, const paged_kv<T>& kv, tensor_view<float, 4> out,
+                     const attention_options& options = {}, tensor_view<float, 3> lse = {}) {
+  detail::attention_paged_checked(detail::checker("headwise::attention_paged"), q, kv, out, options, lse);
 }
 
 /// Ragged queries against a paged KV cache (chunked prefill of several sequences at once):

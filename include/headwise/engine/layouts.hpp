@@ -59,16 +59,15 @@ void pack_rows(float* dst, std::int64_t ld, Row&& row, std::int64_t n, std::int6
 template <class Arch>
 struct query_lanes {
   static constexpr std::int64_t w = tile::arch_traits<Arch>::lanes;
-  /// Prefill reuses each tile across many rows; the hardware prefetchers keep up.
-  static constexpr bool prefetch_next = false;
   workspace& ws;
   std::int64_t rows, ld, nvec, dqk, dv;
+  bool stream;  ///< the item holds all its sequence's query rows: it reads each tile once
   const float* k_rows = nullptr;
   const float* v_rows = nullptr;
   std::int64_t ld_k = 0, ld_v = 0;
 
-  query_lanes(workspace& s, std::int64_t rows_, std::int64_t dqk_, std::int64_t dv_)
-      : ws(s), rows(rows_), ld(tile::round_up(rows_, w)), nvec(ld / w), dqk(dqk_), dv(dv_) {}
+  query_lanes(workspace& s, std::int64_t rows_, std::int64_t dqk_, std::int64_t dv_, bool stream_)
+      : ws(s), rows(rows_), ld(tile::round_up(rows_, w)), nvec(ld / w), dqk(dqk_), dv(dv_), stream(stream_) {}
 
   /// One KV head per work item (its group fills the lanes).
   [[nodiscard]] static constexpr std::int64_t heads() noexcept { return 1; }
@@ -79,6 +78,11 @@ struct query_lanes {
     const std::int64_t ld = tile::round_up(rows, w);
     s.reserve(ld, dqk * ld, bk * ld, dv * ld, bk * dqk, bk * dv);
   }
+  /// Prefill reuses each tile across many q-blocks and the hardware prefetchers keep up; an item
+  /// that holds all the query rows (absorbed MLA decode, short chunks) streams the cache once,
+  /// like decode, and fetches ahead.
+  [[nodiscard]] bool prefetch_next() const noexcept { return stream; }
+
   /// Q_buf[d][r] = Q[r][d]·qf; pad lanes 0. O = 0.
   template <class Row>
   void pack_q(Row&& row, float qf) {
@@ -106,10 +110,17 @@ struct query_lanes {
       }
     }
     pack_rows<Arch, KV>(ws.k_buf.data(), dqk, k_row, n, dqk);
-    pack_rows<Arch, KV>(ws.v_buf.data(), dv, v_row, n, dv);
     k_rows = ws.k_buf.data();
-    v_rows = ws.v_buf.data();
     ld_k = dqk;
+    bool v_in_k = dv <= dqk;
+    for (std::int64_t j = 0; j < n && v_in_k; ++j) v_in_k = static_cast<const void*>(v_row(j)) == k_row(j);
+    if (v_in_k) {
+      v_rows = k_rows;  // V is a prefix of K (absorbed MLA's latent): converted once
+      ld_v = dqk;
+      return;
+    }
+    pack_rows<Arch, KV>(ws.v_buf.data(), dv, v_row, n, dv);
+    v_rows = ws.v_buf.data();
     ld_v = dv;
   }
   /// S = Q·Kᵀ, key-major (n, ld).
@@ -140,8 +151,6 @@ struct query_lanes {
 template <class Arch>
 struct key_lanes {
   static constexpr std::int64_t w = tile::arch_traits<Arch>::lanes;
-  /// Decode streams the cache once: fetch the next tile while this one computes.
-  static constexpr bool prefetch_next = true;
   workspace& ws;
   std::int64_t rows, nh, dqk, dv, dv_pad, ld_kt;
   std::int64_t seg = 0;  ///< first row of the selected head
@@ -161,6 +170,8 @@ struct key_lanes {
   }
   [[nodiscard]] std::int64_t heads() const noexcept { return nh; }
   [[nodiscard]] std::int64_t lanes_per_head() const noexcept { return rows; }
+  /// Decode streams the cache once: fetch the next tile while this one computes.
+  [[nodiscard]] static constexpr bool prefetch_next() noexcept { return true; }
   void select(std::int64_t h) noexcept { seg = h * rows; }
 
   template <class Row>

@@ -80,7 +80,7 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
 
   const std::int64_t kv_end = std::min(k_end, pb.ks.len(b));
   mask.for_each_tile(p0, p1, k_begin, k_end, block_kv, [&](std::int64_t a, std::int64_t n, bool full) {
-    if constexpr (Layout::prefetch_next) {
+    if (lay.prefetch_next()) {
       // Keep a window of `ahead` tokens (every head, K and V: about prefetch_bytes) on its way
       // into L2: each tile prefetches the tokens entering the window, in address order.
       using KV = std::remove_cv_t<std::remove_pointer_t<decltype(pb.ks.k_row(b, a, hk0))>>;
@@ -89,8 +89,10 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
       const std::int64_t from = a == k_begin ? a : a + ahead, to = std::min(a + n + ahead, kv_end);
       for (std::int64_t j = std::max(from, a); j < to; ++j)
         for (std::int64_t h = hk0; h < hk0 + nh; ++h) {
-          tile::prefetch_l2(pb.ks.k_row(b, j, h), pb.dim_qk * static_cast<std::int64_t>(sizeof(KV)));
-          tile::prefetch_l2(pb.ks.v_row(b, j, h), pb.dim_v * static_cast<std::int64_t>(sizeof(KV)));
+          const auto* k = pb.ks.k_row(b, j, h);
+          const auto* v = pb.ks.v_row(b, j, h);
+          tile::prefetch_l2(k, pb.dim_qk * static_cast<std::int64_t>(sizeof(KV)));
+          if (v != k) tile::prefetch_l2(v, pb.dim_v * static_cast<std::int64_t>(sizeof(KV)));  // V in K: MLA
         }
     }
     if constexpr (Mask::needs_masking) {

@@ -26,7 +26,8 @@ struct problem {
 
 /// Work decomposition. rows: lanes (query positions x group heads) per query-lane work item;
 /// block_kv: keys per query-lane tile; decode_block_kv: keys per key-lane (decode) tile;
-/// split_kv: keys per split of a decode work item, 0 = never split; prefetch_bytes: how much
+/// split_kv: keys per split of a work item that holds all of a sequence's query rows (decode,
+/// absorbed MLA, short chunks), 0 = never split; prefetch_bytes: how much
 /// of the KV cache (every head, K and V) decode keeps on its way into L2 ahead of the tile
 /// being computed. Splits depend only on these numbers and the shapes, never on the thread
 /// count.

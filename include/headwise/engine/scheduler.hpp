@@ -83,8 +83,11 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
     const bool keys = use_key_lanes<Arch>(g * sq);
     const std::int64_t bq = keys ? sq : std::max<std::int64_t>(1, blk.rows / g);
     const std::int64_t nqb = (sq + bq - 1) / bq;
-    const std::int64_t nsplit =
-        keys && blk.split_kv > 0 && skv > blk.split_kv ? (skv + blk.split_kv - 1) / blk.split_kv : 1;
+    // Items that hold all of a sequence's query rows (decode, absorbed MLA with many heads,
+    // short chunks) are cut along the keys too, so that one sequence can use every thread.
+    const std::int64_t nsplit = (keys || nqb == 1) && blk.split_kv > 0 && skv > blk.split_kv
+                                    ? (skv + blk.split_kv - 1) / blk.split_kv
+                                    : 1;
     (keys ? rows_k : rows_q) = std::max(keys ? rows_k : rows_q, std::min(bq, sq) * g);
     const std::int64_t nh = keys ? hkv : 1;
     for (std::int64_t hk = 0; hk < hkv; hk += nh)
@@ -137,7 +140,7 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
       key_lanes<Arch> lay(mine, rows, hkv, pb.dim_qk, dv, bk_k);
       go(lay, bk_k);
     } else {
-      query_lanes<Arch> lay(mine, rows, pb.dim_qk, dv);
+      query_lanes<Arch> lay(mine, rows, pb.dim_qk, dv, w.p0 == 0 && w.p1 == pb.qs.len(w.b));
       go(lay, bk_q);
     }
   }

@@ -18,7 +18,7 @@
 #if defined(__clang__)
 #define HEADWISE_UNROLL _Pragma("clang loop unroll(full)")
 #elif defined(__GNUC__)
-#define HEADWISE_UNROLL _Pragma("GCC unroll 16")
+#define HEADWISE_UNROLL _Pragma("GCC unroll 32")
 #else
 #define HEADWISE_UNROLL
 #endif
@@ -125,21 +125,66 @@ constexpr std::array<mma_ab_fn, sizeof...(I)> make_ab(std::index_sequence<I...>)
 }
 }  // namespace detail
 
-/// S = Q·Kᵀ over a whole tile: n keys x nvec lane vectors, blocked by arch_traits (full blocks
-/// take the widest kernel, edges a narrower instantiation).
+/// The register blocking (keys or value dims) x (lane vectors) of the query-lane microkernels
+/// for a work item of `nvec` lane vectors: the arch's default block, or, for one or two lane
+/// vectors (decode-like items: absorbed MLA, a few heads), more keys/dims per block so that the
+/// accumulators still fill the register file (24 on AVX-512, 12 otherwise).
 template <class Arch>
-inline void qk_tile(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_t ld_k, const float* q,
-                    std::ptrdiff_t ld_q, std::ptrdiff_t dim_qk, std::ptrdiff_t n, std::ptrdiff_t nvec) noexcept {
+struct lane_blocking {
   using T = arch_traits<Arch>;
-  constexpr int R = T::rows_blk, V = T::vecs_blk;
-  static constexpr auto table = detail::make_abt<Arch, R, V>(std::make_index_sequence<R * V>{});
+  static constexpr int acc = T::rows_blk * T::vecs_blk;
+  static constexpr int narrow_rows = acc;      ///< nvec == 1
+  static constexpr int half_rows = acc / 2;    ///< nvec == 2 (when the default block is wider)
+};
+
+namespace detail {
+/// Runs kernel table `table` (R x V instantiations) over an (n x nvec) tile in blocks of R x V.
+template <int R, int V, class Table, class Call>
+inline void for_blocks(const Table& table, std::ptrdiff_t n, std::ptrdiff_t nvec, Call&& call) noexcept {
   for (std::ptrdiff_t v0 = 0; v0 < nvec; v0 += V) {
     const std::ptrdiff_t nv = std::min<std::ptrdiff_t>(V, nvec - v0);
     for (std::ptrdiff_t j0 = 0; j0 < n; j0 += R) {
       const std::ptrdiff_t nr = std::min<std::ptrdiff_t>(R, n - j0);
-      table[static_cast<std::size_t>((nr - 1) * V + (nv - 1))](s + j0 * ld_s + v0 * T::lanes, ld_s, k + j0 * ld_k,
-                                                               ld_k, q + v0 * T::lanes, ld_q, dim_qk);
+      call(table[static_cast<std::size_t>((nr - 1) * V + (nv - 1))], j0, v0);
     }
+  }
+}
+
+template <class Arch, int R, int V>
+inline void qk_blocks(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_t ld_k, const float* q,
+                      std::ptrdiff_t ld_q, std::ptrdiff_t dim_qk, std::ptrdiff_t n, std::ptrdiff_t nvec) noexcept {
+  constexpr std::ptrdiff_t w = arch_traits<Arch>::lanes;
+  static constexpr auto table = make_abt<Arch, R, V>(std::make_index_sequence<R * V>{});
+  for_blocks<R, V>(table, n, nvec, [&](mma_abt_fn f, std::ptrdiff_t j0, std::ptrdiff_t v0) {
+    f(s + j0 * ld_s + v0 * w, ld_s, k + j0 * ld_k, ld_k, q + v0 * w, ld_q, dim_qk);
+  });
+}
+
+template <class Arch, int R, int V>
+inline void pv_blocks(float* o, std::ptrdiff_t ld_o, const float* alpha, const float* v, std::ptrdiff_t ld_v,
+                      const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t dim_v, std::ptrdiff_t n,
+                      std::ptrdiff_t nvec) noexcept {
+  constexpr std::ptrdiff_t w = arch_traits<Arch>::lanes;
+  static constexpr auto table = make_ab<Arch, R, V>(std::make_index_sequence<R * V>{});
+  for_blocks<R, V>(table, dim_v, nvec, [&](mma_ab_fn f, std::ptrdiff_t c0, std::ptrdiff_t v0) {
+    f(o + c0 * ld_o + v0 * w, ld_o, alpha + v0 * w, v + c0, ld_v, p + v0 * w, ld_p, n);
+  });
+}
+}  // namespace detail
+
+/// S = Q·Kᵀ over a whole tile: n keys x nvec lane vectors, blocked by lane_blocking (full
+/// blocks take the widest kernel, edges a narrower instantiation).
+template <class Arch>
+inline void qk_tile(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_t ld_k, const float* q,
+                    std::ptrdiff_t ld_q, std::ptrdiff_t dim_qk, std::ptrdiff_t n, std::ptrdiff_t nvec) noexcept {
+  using T = arch_traits<Arch>;
+  using L = lane_blocking<Arch>;
+  if (nvec == 1) {
+    detail::qk_blocks<Arch, L::narrow_rows, 1>(s, ld_s, k, ld_k, q, ld_q, dim_qk, n, nvec);
+  } else if (nvec == 2 && T::vecs_blk > 2) {
+    detail::qk_blocks<Arch, L::half_rows, 2>(s, ld_s, k, ld_k, q, ld_q, dim_qk, n, nvec);
+  } else {
+    detail::qk_blocks<Arch, T::rows_blk, T::vecs_blk>(s, ld_s, k, ld_k, q, ld_q, dim_qk, n, nvec);
   }
 }
 
@@ -149,16 +194,13 @@ inline void pv_tile(float* o, std::ptrdiff_t ld_o, const float* alpha, const flo
                     const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t dim_v, std::ptrdiff_t n,
                     std::ptrdiff_t nvec) noexcept {
   using T = arch_traits<Arch>;
-  constexpr int R = T::rows_blk, V = T::vecs_blk;
-  static constexpr auto table = detail::make_ab<Arch, R, V>(std::make_index_sequence<R * V>{});
-  for (std::ptrdiff_t v0 = 0; v0 < nvec; v0 += V) {
-    const std::ptrdiff_t nv = std::min<std::ptrdiff_t>(V, nvec - v0);
-    for (std::ptrdiff_t c0 = 0; c0 < dim_v; c0 += R) {
-      const std::ptrdiff_t nr = std::min<std::ptrdiff_t>(R, dim_v - c0);
-      table[static_cast<std::size_t>((nr - 1) * V + (nv - 1))](o + c0 * ld_o + v0 * T::lanes, ld_o,
-                                                               alpha + v0 * T::lanes, v + c0, ld_v,
-                                                               p + v0 * T::lanes, ld_p, n);
-    }
+  using L = lane_blocking<Arch>;
+  if (nvec == 1) {
+    detail::pv_blocks<Arch, L::narrow_rows, 1>(o, ld_o, alpha, v, ld_v, p, ld_p, dim_v, n, nvec);
+  } else if (nvec == 2 && T::vecs_blk > 2) {
+    detail::pv_blocks<Arch, L::half_rows, 2>(o, ld_o, alpha, v, ld_v, p, ld_p, dim_v, n, nvec);
+  } else {
+    detail::pv_blocks<Arch, T::rows_blk, T::vecs_blk>(o, ld_o, alpha, v, ld_v, p, ld_p, dim_v, n, nvec);
   }
 }
 

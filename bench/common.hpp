@@ -50,6 +50,7 @@ struct shape {
   std::int64_t rows = 0, block_kv = 0;  ///< explicit engine::blocking (tuning family); 0 = default
   std::int64_t page_size = 0;           ///< paged KV cache (decode_paged families); 0 = contiguous
   bool name_causal = true;              ///< decode names omit causal (bottom-right, all keys visible)
+  bool v_in_k = false;                  ///< V is a prefix of K (absorbed MLA): K/V bytes are K's only
 
   /// `<family>[_<dtype>]/b:../sq:../skv:../hq:../hkv:../dqk:../dv:../causal:../threads:..`
   /// (DESIGN.md §4), plus `/rows:../bkv:..` for the tuning family.
@@ -109,10 +110,11 @@ struct shape {
            static_cast<double>(dim_qk + dim_v);
   }
 
-  /// K and V bytes one call must read, each KV head once: B·seq_kv·heads_kv·(dim_qk + dim_v)·sizeof.
+  /// K and V bytes one call must read, each KV head once: B·seq_kv·heads_kv·(dim_qk + dim_v)·sizeof
+  /// (dim_qk only when V is a prefix of K: the latent cache of absorbed MLA).
   [[nodiscard]] double kv_bytes() const noexcept {
     return static_cast<double>(batch) * static_cast<double>(seq_kv) * static_cast<double>(heads_kv) *
-           static_cast<double>(dim_qk + dim_v) * static_cast<double>(dtype_size(dtype));
+           static_cast<double>(v_in_k ? dim_qk : dim_qk + dim_v) * static_cast<double>(dtype_size(dtype));
   }
 };
 
@@ -192,6 +194,9 @@ void register_dense_benchmarks(const std::vector<shape>& shapes);
 
 std::vector<shape> decode_shapes(const plan_options& opt);
 void register_decode_benchmarks(const std::vector<shape>& shapes);
+
+std::vector<shape> mla_shapes(const plan_options& opt);
+void register_mla_benchmarks(const std::vector<shape>& shapes);
 
 std::vector<shape> unfused_eigen_shapes(const plan_options& opt);
 void register_unfused_eigen_benchmarks(const std::vector<shape>& shapes);

@@ -92,6 +92,7 @@ std::vector<mla_shape> sweep() {
   v.push_back({1, 1, 2500, 16, 64, 16});   // split in two, merged
   v.push_back({1, 3, 4200, 8, 32, 8});     // three splits, a few query tokens
   v.push_back({1, 1, 200, 16, 512, 64});   // DeepSeek-V2/V3 absorbed dims
+  v.push_back({1, 1, 2100, 16, 512, 64});  // ... in three work-sized splits of 960 keys
   v.push_back({1, 1, 70, 128, 512, 64});   // 128 heads: 8 lane vectors on AVX-512
   v.push_back({2, 1, 33, 16, 72, 8});      // d_c not a multiple of the lanes
   return v;
@@ -159,7 +160,7 @@ TEST(MlaAbsorbedPaged, EqualsDenseBitwise) {
 
 /// Splits depend on the shape only: one thread and several give the same bits.
 TEST(MlaAbsorbed, SplitResultsThreadInvariant) {
-  mla_case<float> m(1, 1, 5000, 16, 64, 16, 13);
+  mla_case<float> m(1, 1, 3000, 16, 512, 64, 13);  // 4 splits of 960 keys
   m.run(mla_options(causal_mode::bottom_right, 1));
   const auto one = m.out, one_lse = m.lse;
   for (int t : {2, 3, 4}) {

@@ -55,6 +55,19 @@ constexpr bool use_key_lanes(std::int64_t rows) noexcept {
   return rows * 2 <= tile::arch_traits<Arch>::lanes;
 }
 
+/// Keys per split of a query-lane item that holds all its sequence's rows: as much work per
+/// split as a decode split of split_kv keys has (32 rows x 256 dims per key: GQA 32/8, D 128),
+/// so that absorbed MLA (16-128 heads x 1088 dims per key) gets enough splits for every core;
+/// a multiple of block_kv, at least 256 keys, at most split_kv. Shapes only, never threads.
+inline std::int64_t query_lane_split(const blocking& blk, std::int64_t rows, std::int64_t dims) noexcept {
+  if (blk.split_kv <= 0) return 0;
+  constexpr std::int64_t decode_work_per_key = 32 * 256;
+  const std::int64_t bk = std::max<std::int64_t>(1, blk.block_kv);
+  std::int64_t keys = blk.split_kv * decode_work_per_key / std::max<std::int64_t>(1, rows * dims);
+  keys = std::clamp<std::int64_t>(keys / bk * bk, std::min<std::int64_t>(256, blk.split_kv), blk.split_kv);
+  return keys;
+}
+
 struct work_item {
   std::int64_t b, hk, p0, p1, k_begin, k_end;  ///< hk: first KV head (key-lane items cover all)
   std::int64_t partial;  ///< offset of this split's state in the partial buffer, -1 if final
@@ -85,9 +98,8 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
     const std::int64_t nqb = (sq + bq - 1) / bq;
     // Items that hold all of a sequence's query rows (decode, absorbed MLA with many heads,
     // short chunks) are cut along the keys too, so that one sequence can use every thread.
-    const std::int64_t nsplit = (keys || nqb == 1) && blk.split_kv > 0 && skv > blk.split_kv
-                                    ? (skv + blk.split_kv - 1) / blk.split_kv
-                                    : 1;
+    const std::int64_t split = keys ? blk.split_kv : query_lane_split(blk, std::min(bq, sq) * g, pb.dim_qk + dv);
+    const std::int64_t nsplit = (keys || nqb == 1) && split > 0 && skv > split ? (skv + split - 1) / split : 1;
     (keys ? rows_k : rows_q) = std::max(keys ? rows_k : rows_q, std::min(bq, sq) * g);
     const std::int64_t nh = keys ? hkv : 1;
     for (std::int64_t hk = 0; hk < hkv; hk += nh)
@@ -100,7 +112,7 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
         const std::int64_t rows = nh * (p1 - p0) * g;
         groups.push_back({b, hk, nh, p0, p1, partial_floats, nsplit, rows});
         for (std::int64_t s = 0; s < nsplit; ++s) {
-          items.push_back({b, hk, p0, p1, s * blk.split_kv, std::min(skv, (s + 1) * blk.split_kv), partial_floats,
+          items.push_back({b, hk, p0, p1, s * split, std::min(skv, (s + 1) * split), partial_floats,
                            s == 0, keys});
           partial_floats += rows * (dv + 1);
         }

@@ -94,6 +94,7 @@ std::vector<mla_shape> sweep() {
   v.push_back({1, 1, 200, 16, 512, 64});   // DeepSeek-V2/V3 absorbed dims
   v.push_back({1, 1, 2100, 16, 512, 64});  // ... in three work-sized splits of 960 keys
   v.push_back({1, 1, 70, 128, 512, 64});   // 128 heads: 8 lane vectors on AVX-512
+  v.push_back({1, 1, 700, 128, 512, 64});  // ... in three 256-key splits
   v.push_back({2, 1, 33, 16, 72, 8});      // d_c not a multiple of the lanes
   return v;
 }
@@ -222,6 +223,18 @@ TEST(MlaAbsorbedErrors, BadInputThrowsBeforeWork) {
         headwise::mla_absorbed(m.qv(), m.lv(), tensor_view<float, 4>(m.latent.data(), {1, 1, 4, 32}), o);
       },
       "out"));
+  // Paged: the output overlapping the latent pages, named as such.
+  std::vector<std::int32_t> table_ok{0, 1}, seqlens_ok{20};
+  try {
+    headwise::mla_absorbed_paged(m.qv(), tensor_view<const float, 3>(m.latent.data(), {2, 10, 40}),
+                                 tensor_view<const std::int32_t, 2>(table_ok.data(), {1, 2}),
+                                 tensor_view<const std::int32_t, 1>(seqlens_ok.data(), {1}),
+                                 tensor_view<float, 4>(m.latent.data(), {1, 1, 4, 32}), o);
+    ADD_FAILURE() << "no exception for out overlapping latent_pages";
+  } catch (const headwise::argument_error& e) {
+    EXPECT_EQ(e.argument(), "out");
+    EXPECT_NE(std::string(e.what()).find("latent_pages"), std::string::npos) << e.what();
+  }
   // Paged: a block-table entry out of range.
   std::vector<std::int32_t> table{0, 5}, seqlens{20};
   EXPECT_TRUE(ThrowsArgumentError(

@@ -58,14 +58,18 @@ constexpr bool use_key_lanes(std::int64_t rows) noexcept {
 /// Keys per split of a query-lane item that holds all its sequence's rows: as much work per
 /// split as a decode split of split_kv keys has (32 rows x 256 dims per key: GQA 32/8, D 128),
 /// so that absorbed MLA (16-128 heads x 1088 dims per key) gets enough splits for every core;
-/// a multiple of block_kv, at least 256 keys, at most split_kv. Shapes only, never threads.
-inline std::int64_t query_lane_split(const blocking& blk, std::int64_t rows, std::int64_t dims) noexcept {
+/// rounded down to a multiple of block_kv, then clamped to [min(256, split_kv), split_kv], and
+/// raised so that a sequence of seq_kv keys has at most max_splits splits (the partial states
+/// of 128 heads take about as much memory as the cache itself). Shapes only, never threads.
+inline std::int64_t query_lane_split(const blocking& blk, std::int64_t rows, std::int64_t dims,
+                                     std::int64_t seq_kv) noexcept {
   if (blk.split_kv <= 0) return 0;
-  constexpr std::int64_t decode_work_per_key = 32 * 256;
+  constexpr std::int64_t decode_work_per_key = 32 * 256, max_splits = 64;
+  const std::int64_t split_kv = std::min<std::int64_t>(blk.split_kv, std::int64_t{1} << 40);  // no overflow
   const std::int64_t bk = std::max<std::int64_t>(1, blk.block_kv);
-  std::int64_t keys = blk.split_kv * decode_work_per_key / std::max<std::int64_t>(1, rows * dims);
-  keys = std::clamp<std::int64_t>(keys / bk * bk, std::min<std::int64_t>(256, blk.split_kv), blk.split_kv);
-  return keys;
+  std::int64_t keys = split_kv * decode_work_per_key / std::max<std::int64_t>(1, rows * dims);
+  keys = std::clamp<std::int64_t>(keys / bk * bk, std::min<std::int64_t>(256, split_kv), split_kv);
+  return std::max(keys, (seq_kv + max_splits - 1) / max_splits);
 }
 
 struct work_item {
@@ -98,7 +102,7 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
     const std::int64_t nqb = (sq + bq - 1) / bq;
     // Items that hold all of a sequence's query rows (decode, absorbed MLA with many heads,
     // short chunks) are cut along the keys too, so that one sequence can use every thread.
-    const std::int64_t split = keys ? blk.split_kv : query_lane_split(blk, std::min(bq, sq) * g, pb.dim_qk + dv);
+    const std::int64_t split = keys ? blk.split_kv : query_lane_split(blk, std::min(bq, sq) * g, pb.dim_qk + dv, skv);
     const std::int64_t nsplit = (keys || nqb == 1) && split > 0 && skv > split ? (skv + split - 1) / split : 1;
     (keys ? rows_k : rows_q) = std::max(keys ? rows_k : rows_q, std::min(bq, sq) * g);
     const std::int64_t nh = keys ? hkv : 1;

@@ -31,7 +31,8 @@ enum class rope_pairing : std::uint8_t {
   half_split,   ///< pairs (i, i + d/2): HF rotate_half
 };
 
-/// YaRN context extension as in DeepSeek's configs (rope_scaling). factor <= 1 means none.
+/// YaRN context extension as in DeepSeek's configs (rope_scaling). factor 1 means none; below 1
+/// is rejected.
 struct yarn_config {
   double factor = 1.0;                        ///< rope_factor (V2/V3: 40)
   std::int64_t original_max_position = 4096;  ///< original_seq_len / original_max_position_embeddings
@@ -47,7 +48,7 @@ using headwise::detail::to_text;
 
 /// Checks a yarn_config (every field used by rope_frequencies and mla_softmax_scale).
 inline void check_yarn(const checker& c, const yarn_config& y, const std::string& name) {
-  c.require(std::isfinite(y.factor) && y.factor > 0, name + ".factor", "a finite value > 0",
+  c.require(std::isfinite(y.factor) && y.factor >= 1, name + ".factor", "a finite value >= 1 (1 = no YaRN)",
             to_text(y.factor));
   c.require(y.original_max_position >= 1, name + ".original_max_position", ">= 1",
             to_text(y.original_max_position));

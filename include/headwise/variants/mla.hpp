@@ -90,9 +90,12 @@ void mla_absorbed_paged(tensor_view<const float, 4> q, tensor_view<T, 3> latent_
   c.view(lat, "latent_pages", {1, 1, 1}, {"num_pages", "page_size", "d_c + d_rope"});
   c.view(out, "out", {1, 0, 1, 1}, {"batch", "seq_q", "heads", "d_c"});
   detail::check_mla(c, options, q.shape[3], lat.shape[2], "latent_pages.shape[2]", out.shape[3], "out.shape[3]");
+  // Outputs against the latent under its own name (the paged checks below call it kv.*_pages).
+  c.no_alias(out, "out", lat, "latent_pages");
+  if (!lse.absent()) c.no_alias(lse, "lse", lat, "latent_pages");
   const auto [k, v] = detail::latent_as_kv<KV, 3>(lat, out.shape[3]);
   const paged_kv<KV> kv{k, v, block_table, seqlens};
-  // Block table, lengths, heads and LSE as for any paged MQA call (the latent named kv.*_pages).
+  // Block table, lengths, heads and LSE as for any paged MQA call.
   detail::attention_paged_checked<KV>(c, q, kv, out, options, lse);
 }
 

@@ -112,14 +112,14 @@ void check_sweep(causal_mode c) {
   }
 }
 
-TEST(MlaAbsorbed, F32MatchesReferenceBottomRight) { check_sweep<float>(causal_mode::bottom_right); }
-TEST(MlaAbsorbed, F32MatchesReferenceNoMask) { check_sweep<float>(causal_mode::none); }
-TEST(MlaAbsorbed, F32MatchesReferenceTopLeft) { check_sweep<float>(causal_mode::top_left); }
-TEST(MlaAbsorbed, Bf16LatentMatchesReference) { check_sweep<bf16>(causal_mode::bottom_right); }
-TEST(MlaAbsorbed, F16LatentMatchesReference) { check_sweep<f16>(causal_mode::bottom_right); }
+TEST(MlaAbsorbed, mla_absorbed_f32_matches_reference_bottom_right) { check_sweep<float>(causal_mode::bottom_right); }
+TEST(MlaAbsorbed, mla_absorbed_f32_matches_reference_no_mask) { check_sweep<float>(causal_mode::none); }
+TEST(MlaAbsorbed, mla_absorbed_f32_matches_reference_top_left) { check_sweep<float>(causal_mode::top_left); }
+TEST(MlaAbsorbed, mla_absorbed_bf16_latent_matches_reference) { check_sweep<bf16>(causal_mode::bottom_right); }
+TEST(MlaAbsorbed, mla_absorbed_f16_latent_matches_reference) { check_sweep<f16>(causal_mode::bottom_right); }
 
 /// The bf16 latent against the f32 result on the unrounded latent: the storage error only.
-TEST(MlaAbsorbed, Bf16LatentWithinToleranceOfF32) {
+TEST(MlaAbsorbed, mla_absorbed_bf16_latent_within_tolerance_of_f32) {
   mla_case<float> f(1, 1, 500, 16, 512, 64, 3);
   mla_case<bf16> h(1, 1, 500, 16, 512, 64, 3);
   const auto o = mla_options();
@@ -130,7 +130,7 @@ TEST(MlaAbsorbed, Bf16LatentWithinToleranceOfF32) {
   EXPECT_LE(e, 2e-2);  // bf16 keeps 8 bits: ~4e-3 per value, |V| ~ 3
 }
 
-TEST(MlaAbsorbedPaged, EqualsDenseBitwise) {
+TEST(MlaAbsorbedPaged, mla_absorbed_paged_equals_dense_bitwise) {
   for (std::int64_t page : {16, 7, 1}) {
     const std::int64_t batch = 2, skv = 150, h = 16, dc = 64, dr = 16, d = dc + dr;
     mla_case<bf16> m(batch, 1, skv, h, dc, dr, 11);
@@ -160,7 +160,7 @@ TEST(MlaAbsorbedPaged, EqualsDenseBitwise) {
 }
 
 /// Splits depend on the shape only: one thread and several give the same bits.
-TEST(MlaAbsorbed, SplitResultsThreadInvariant) {
+TEST(MlaAbsorbed, mla_absorbed_split_results_thread_invariant) {
   mla_case<float> m(1, 1, 3000, 16, 512, 64, 13);  // 4 splits of 960 keys
   m.run(mla_options(causal_mode::bottom_right, 1));
   const auto one = m.out, one_lse = m.lse;
@@ -172,7 +172,7 @@ TEST(MlaAbsorbed, SplitResultsThreadInvariant) {
 }
 
 /// Decode of token p against the first p + 1 latent rows == row p of the causal prefill.
-TEST(MlaAbsorbed, DecodeAtPositionMatchesPrefillRow) {
+TEST(MlaAbsorbed, mla_absorbed_decode_at_position_matches_prefill_row) {
   const std::int64_t L = 90, h = 16, dc = 64, dr = 16, d = dc + dr;
   mla_case<float> full(1, L, L, h, dc, dr, 17);
   const auto o = mla_options();
@@ -190,7 +190,7 @@ TEST(MlaAbsorbed, DecodeAtPositionMatchesPrefillRow) {
   }
 }
 
-TEST(MlaAbsorbedErrors, BadInputThrowsBeforeWork) {
+TEST(MlaAbsorbedErrors, mla_absorbed_bad_input_throws_before_work) {
   mla_case<float> m(1, 1, 20, 4, 32, 8, 19);
   const auto o = mla_options();
   const auto sentinel = m.out;

@@ -41,16 +41,14 @@ double rel_diff(const hm::matrix& a, const hm::matrix& b) {
 }  // namespace
 
 int main() {
-  hm::mla_config cfg;
+  // DeepSeek-V2-Lite's layout (no q compression, YaRN 40 with mscale 0.707), scaled down.
+  hm::mla_config cfg = hm::mla_config::deepseek_v2_lite();
   cfg.heads = 4;
   cfg.d_model = 128;
-  cfg.q_lora_rank = 0;
   cfg.kv_lora_rank = 64;
   cfg.qk_nope = 32;
   cfg.qk_rope = 16;
   cfg.v_head = 32;
-  cfg.yarn = hm::yarn_config{40.0, 4096, 32.0, 1.0, 0.707};
-  cfg.max_seq_len = 163840;
   cfg.pairing = hm::rope_pairing::interleaved;
 
   std::mt19937 rng(7);

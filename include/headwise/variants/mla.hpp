@@ -4,8 +4,10 @@
 /// (absorption, RoPE, the expanded "naive" K/V, TransMLA conversion) live in headwise/model/.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "attention.hpp"
 #include "kv_cache.hpp"
@@ -46,6 +48,20 @@ inline void check_mla(const checker& c, const attention_options& opt, std::int64
             "1..dim_qk = " + to_text(dim_qk) + " (V is the first d_c values of each latent row)", to_text(d_c));
 }
 
+/// The prologue both entry points share: q and out views, the MLA checks against the latent
+/// (named `name`, axes `axes`), and the latent as the engine's K and V views.
+template <class KV>
+std::pair<tensor_view<const KV, 4>, tensor_view<const KV, 4>> check_mla_call(
+    const checker& c, tensor_view<const float, 4> q, tensor_view<const KV, 3> lat, const std::string& name,
+    const std::array<std::int64_t, 3>& min_extent, const std::array<const char*, 3>& axes,
+    tensor_view<float, 4> out, const attention_options& opt) {
+  c.view(q, "q", {1, 0, 1, 1}, {"batch", "seq_q", "heads", "dim_qk"});
+  c.view(lat, name, min_extent, axes);
+  c.view(out, "out", {1, 0, 1, 1}, {"batch", "seq_q", "heads", "d_c"});
+  check_mla(c, opt, q.shape[3], lat.shape[2], name + ".shape[2]", out.shape[3], "out.shape[3]");
+  return latent_as_kv<KV, 3>(lat, out.shape[3]);
+}
+
 }  // namespace detail
 
 /// Absorbed MLA attention (DeepSeek's attn_impl="absorb"), for decode and chunked prefill:
@@ -62,12 +78,9 @@ void mla_absorbed(tensor_view<const float, 4> q, tensor_view<T, 3> latent, tenso
   static_assert(is_kv_dtype_v<KV>, "headwise: the latent cache must be float, headwise::bf16 or headwise::f16");
   const detail::checker c("headwise::mla_absorbed");
   const tensor_view<const KV, 3> lat(latent);
-  c.view(q, "q", {1, 0, 1, 1}, {"batch", "seq_q", "heads", "dim_qk"});
-  c.view(lat, "latent", {1, 0, 1}, {"batch", "seq_kv", "d_c + d_rope"});
-  c.view(out, "out", {1, 0, 1, 1}, {"batch", "seq_q", "heads", "d_c"});
-  detail::check_mla(c, options, q.shape[3], lat.shape[2], "latent.shape[2]", out.shape[3], "out.shape[3]");
+  const auto [k, v] = detail::check_mla_call<KV>(c, q, lat, "latent", {1, 0, 1}, {"batch", "seq_kv", "d_c + d_rope"},
+                                                 out, options);
   c.equal(lat.shape[0], q.shape[0], "latent.shape[0] (batch)", "q.shape[0]");
-  const auto [k, v] = detail::latent_as_kv<KV, 3>(lat, out.shape[3]);
   // The rest (heads, LSE, options, aliasing) as for any MQA call, the latent named k/v.
   const auto pb = detail::check_attention<KV>(c, q, k, v, out, options, lse);
   detail::run_attention<tile::default_arch>(pb, options, default_blocking());
@@ -86,14 +99,11 @@ void mla_absorbed_paged(tensor_view<const float, 4> q, tensor_view<T, 3> latent_
   static_assert(is_kv_dtype_v<KV>, "headwise: the latent cache must be float, headwise::bf16 or headwise::f16");
   const detail::checker c("headwise::mla_absorbed_paged");
   const tensor_view<const KV, 3> lat(latent_pages);
-  c.view(q, "q", {1, 0, 1, 1}, {"batch", "seq_q", "heads", "dim_qk"});
-  c.view(lat, "latent_pages", {1, 1, 1}, {"num_pages", "page_size", "d_c + d_rope"});
-  c.view(out, "out", {1, 0, 1, 1}, {"batch", "seq_q", "heads", "d_c"});
-  detail::check_mla(c, options, q.shape[3], lat.shape[2], "latent_pages.shape[2]", out.shape[3], "out.shape[3]");
+  const auto [k, v] = detail::check_mla_call<KV>(c, q, lat, "latent_pages", {1, 1, 1},
+                                                 {"num_pages", "page_size", "d_c + d_rope"}, out, options);
   // Outputs against the latent under its own name (the paged checks below call it kv.*_pages).
   c.no_alias(out, "out", lat, "latent_pages");
   if (!lse.absent()) c.no_alias(lse, "lse", lat, "latent_pages");
-  const auto [k, v] = detail::latent_as_kv<KV, 3>(lat, out.shape[3]);
   const paged_kv<KV> kv{k, v, block_table, seqlens};
   // Block table, lengths, heads and LSE as for any paged MQA call.
   detail::attention_paged_checked<KV>(c, q, kv, out, options, lse);

@@ -6,4 +6,5 @@
 #include "core/core.hpp"
 #include "variants/attention.hpp"
 #include "variants/kv_cache.hpp"
+#include "variants/diff.hpp"
 #include "variants/mla.hpp"

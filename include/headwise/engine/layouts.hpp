@@ -28,7 +28,7 @@ using aligned_vector = std::vector<T, xsimd::aligned_allocator<T, 64>>;
 
 /// Per-thread scratch, sized once per call (no allocation inside the loop).
 struct workspace {
-  aligned_vector<float> q_buf, s_buf, o_buf, m, l, alpha, lo_rel, hi_rel, k_buf, v_buf;
+  aligned_vector<float> q_buf, s_buf, o_buf, m, l, alpha, lo_rel, hi_rel, k_buf, v_buf, k2_buf;
   std::vector<std::int64_t> pos, head, lane_lo, lane_hi;
 
   void reserve(std::int64_t rows, std::int64_t q_elems, std::int64_t s_elems, std::int64_t o_elems,
@@ -44,6 +44,9 @@ struct workspace {
     for (auto* b : {&m, &l, &alpha, &lo_rel, &hi_rel}) grow(*b, rows);
     for (auto* b : {&pos, &head, &lane_lo, &lane_hi}) grow(*b, rows);
   }
+  void reserve_k2(std::int64_t k_elems) {
+    if (static_cast<std::int64_t>(k2_buf.size()) < k_elems) k2_buf.resize(static_cast<std::size_t>(k_elems));
+  }
 };
 
 /// Copies n rows of dim storage elements into a packed f32 buffer (row stride ld, tail zeroed).
@@ -56,39 +59,60 @@ void pack_rows(float* dst, std::int64_t ld, Row&& row, std::int64_t n, std::int6
 }
 
 /// Query rows across lanes. Buffers: Q (dim_qk, ld), S/P (block_kv, ld), O (dim_v, ld).
+/// The rows come in one or two segments (differential attention: signal rows reading K1, then
+/// noise rows reading K2), each padded to whole vectors; pad lanes repeat their segment's last
+/// row with Q = 0. P·V runs over all lanes at once: both segments share each V row.
 template <class Arch>
 struct query_lanes {
   static constexpr std::int64_t w = tile::arch_traits<Arch>::lanes;
   workspace& ws;
-  std::int64_t rows, ld, nvec, dqk, dv;
+  std::int64_t rows0, rows1;  ///< rows of segment 0 and 1 (rows1 = 0: one segment)
+  std::int64_t ld0, ld, nvec, dqk, dv;
   bool stream;  ///< the item holds all its sequence's query rows: it reads each tile once
   const float* k_rows = nullptr;
+  const float* k2_rows = nullptr;
   const float* v_rows = nullptr;
-  std::int64_t ld_k = 0, ld_v = 0;
+  std::int64_t ld_k = 0, ld_k2 = 0, ld_v = 0;
 
-  query_lanes(workspace& s, std::int64_t rows_, std::int64_t dqk_, std::int64_t dv_, bool stream_)
-      : ws(s), rows(rows_), ld(tile::round_up(rows_, w)), nvec(ld / w), dqk(dqk_), dv(dv_), stream(stream_) {}
+  query_lanes(workspace& s, std::int64_t rows0_, std::int64_t rows1_, std::int64_t dqk_, std::int64_t dv_,
+              bool stream_)
+      : ws(s), rows0(rows0_), rows1(rows1_), ld0(tile::round_up(rows0_, w)), ld(lanes_for(rows0_, rows1_)),
+        nvec(ld / w), dqk(dqk_), dv(dv_), stream(stream_) {}
 
+  /// Lanes of an item with segments of rows0 and rows1 rows.
+  [[nodiscard]] static constexpr std::int64_t lanes_for(std::int64_t rows0, std::int64_t rows1) noexcept {
+    return tile::round_up(rows0, w) + tile::round_up(rows1, w);
+  }
   /// One KV head per work item (its group fills the lanes).
   [[nodiscard]] static constexpr std::int64_t heads() noexcept { return 1; }
   [[nodiscard]] std::int64_t lanes_per_head() const noexcept { return ld; }
+  /// The row a lane computes (pad lanes: their segment's last row), and the lane of a row.
+  [[nodiscard]] std::int64_t lane_row(std::int64_t x) const noexcept {
+    return x < ld0 ? std::min(x, rows0 - 1) : rows0 + std::min(x - ld0, rows1 - 1);
+  }
+  [[nodiscard]] std::int64_t row_lane(std::int64_t r) const noexcept { return r < rows0 ? r : ld0 + r - rows0; }
+  [[nodiscard]] bool real_lane(std::int64_t x) const noexcept {
+    return x < ld0 ? x < rows0 : x - ld0 < rows1;
+  }
   void select(std::int64_t /*h*/) noexcept {}
 
-  static void reserve(workspace& s, std::int64_t rows, std::int64_t dqk, std::int64_t dv, std::int64_t bk) {
-    const std::int64_t ld = tile::round_up(rows, w);
-    s.reserve(ld, dqk * ld, bk * ld, dv * ld, bk * dqk, bk * dv);
+  /// Scratch for items of up to `lanes` lanes; two_keys: a second converted K tile.
+  static void reserve(workspace& s, std::int64_t lanes, std::int64_t dqk, std::int64_t dv, std::int64_t bk,
+                      bool two_keys) {
+    s.reserve(lanes, dqk * lanes, bk * lanes, dv * lanes, bk * dqk, bk * dv);
+    if (two_keys) s.reserve_k2(bk * dqk);
   }
   /// Prefill reuses each tile across many q-blocks and the hardware prefetchers keep up; an item
   /// that holds all the query rows (absorbed MLA decode, short chunks) streams the cache once,
   /// like decode, and fetches ahead.
   [[nodiscard]] bool prefetch_next() const noexcept { return stream; }
 
-  /// Q_buf[d][r] = Q[r][d]·qf; pad lanes 0. O = 0.
+  /// Q_buf[d][x] = Q[row of x][d]·qf; pad lanes 0. O = 0.
   template <class Row>
   void pack_q(Row&& row, float qf) {
     float* q = ws.q_buf.data();
     for (std::int64_t r = 0; r < ld; ++r) {
-      if (r >= rows) {
+      if (!real_lane(r)) {
         for (std::int64_t d = 0; d < dqk; ++d) q[d * ld + r] = 0.0f;
         continue;
       }
@@ -98,6 +122,26 @@ struct query_lanes {
     std::fill(ws.o_buf.data(), ws.o_buf.data() + dv * ld, 0.0f);
   }
   /// K/V rows of a tile: in place for evenly strided f32 rows, else converted into buffers.
+  /// With two segments, k2_row gives segment 1's keys (in place, the same stride, or converted).
+  template <class KV, class KRow, class VRow, class K2Row>
+  void load(const kv_tile_rows<KV>& t, KRow&& k_row, VRow&& v_row, K2Row&& k2_row, std::int64_t n) {
+    load(t, k_row, v_row, n);
+    if constexpr (std::is_same_v<KV, float>) {
+      if (t.k != nullptr) {
+        k2_rows = t.k2 == t.k ? k_rows : t.k2;
+        ld_k2 = ld_k;
+        return;
+      }
+    }
+    if (static_cast<const void*>(k2_row(0)) == k_row(0)) {  // shared keys (DIFF V2): converted once
+      k2_rows = k_rows;
+      ld_k2 = ld_k;
+      return;
+    }
+    pack_rows<Arch, KV>(ws.k2_buf.data(), dqk, k2_row, n, dqk);
+    k2_rows = ws.k2_buf.data();
+    ld_k2 = dqk;
+  }
   template <class KV, class KRow, class VRow>
   void load(const kv_tile_rows<KV>& t, KRow&& k_row, VRow&& v_row, std::int64_t n) {
     if constexpr (std::is_same_v<KV, float>) {
@@ -123,8 +167,17 @@ struct query_lanes {
     v_rows = ws.v_buf.data();
     ld_v = dv;
   }
-  /// S = Q·Kᵀ, key-major (n, ld).
-  void qk(std::int64_t n) { tile::qk_tile<Arch>(ws.s_buf.data(), ld, k_rows, ld_k, ws.q_buf.data(), ld, dqk, n, nvec); }
+  /// S = Q·Kᵀ, key-major (n, ld): each segment against its keys (one pass when they share them).
+  void qk(std::int64_t n) {
+    float* s = ws.s_buf.data();
+    const float* q = ws.q_buf.data();
+    if (rows1 == 0 || k2_rows == k_rows) {
+      tile::qk_tile<Arch>(s, ld, k_rows, ld_k, q, ld, dqk, n, nvec);
+      return;
+    }
+    tile::qk_tile<Arch>(s, ld, k_rows, ld_k, q, ld, dqk, n, ld0 / w);
+    tile::qk_tile<Arch>(s + ld0, ld, k2_rows, ld_k2, q + ld0, ld, dqk, n, nvec - ld0 / w);
+  }
   [[nodiscard]] float* scores() const noexcept { return const_cast<float*>(ws.s_buf.data()); }
   [[nodiscard]] std::int64_t score_count(std::int64_t n) const noexcept { return n * ld; }
   void mask(std::int64_t n, std::int64_t sink) {
@@ -170,6 +223,8 @@ struct key_lanes {
   }
   [[nodiscard]] std::int64_t heads() const noexcept { return nh; }
   [[nodiscard]] std::int64_t lanes_per_head() const noexcept { return rows; }
+  [[nodiscard]] static constexpr std::int64_t lane_row(std::int64_t x) noexcept { return x; }
+  [[nodiscard]] static constexpr std::int64_t row_lane(std::int64_t r) noexcept { return r; }
   /// Decode streams the cache once: fetch the next tile while this one computes.
   [[nodiscard]] static constexpr bool prefetch_next() noexcept { return true; }
   void select(std::int64_t h) noexcept { seg = h * rows; }

@@ -32,6 +32,11 @@ struct final_target {
   void set_lse(std::int64_t /*r*/, std::int64_t pos, std::int64_t head, float v) const {
     if (float* p = qs.lse_at(b, head, pos)) *p = v;
   }
+  /// Every row of KV heads [hk0, hk0 + nh) x positions [p0, p1) is written: the query source's
+  /// epilogue, if it has one (differential attention combines its signal and noise rows here).
+  void done(std::int64_t hk0, std::int64_t nh, std::int64_t p0, std::int64_t p1) const {
+    if constexpr (requires { qs.finish(b, hk0, nh, p0, p1); }) qs.finish(b, hk0, nh, p0, p1);
+  }
 };
 
 /// Rows go to a split's partial state: rows x dv normalised O, then rows LSE values.
@@ -41,11 +46,14 @@ struct partial_target {
   std::int64_t dv;
   [[nodiscard]] float* row(std::int64_t r, std::int64_t, std::int64_t) const { return o + r * dv; }
   void set_lse(std::int64_t r, std::int64_t, std::int64_t, float v) const { lse[r] = v; }
+  void done(std::int64_t, std::int64_t, std::int64_t, std::int64_t) const noexcept {}
 };
 
 /// Attention for query positions [p0, p1) of sequence b against KV heads [hk0, hk0 + nh)
 /// (nh = lay.heads()) and keys [k_begin, k_end), all query heads of each group; rows leave
-/// through `target`, numbered head-major: r = h·(p1 - p0)·group + (position, group head).
+/// through `target`, numbered head-major: r = h·(p1 - p0)·group + row, a row being a (position,
+/// group head) in the head map's order (head_mapper::row_of). A key source with a second key
+/// set (k2_row: differential attention) feeds the layout's second row segment.
 template <class Arch, class Layout, class QS, class KS, class Mask, class Score, class Target>
 void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& score, std::int64_t block_kv,
                   std::int64_t prefetch_bytes, Layout& lay, std::int64_t b, std::int64_t hk0, std::int64_t p0, std::int64_t p1,
@@ -53,16 +61,16 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
   workspace& ws = lay.ws;
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
   const std::int64_t g = pb.heads.group, nh = lay.heads();
-  const std::int64_t rows = (p1 - p0) * g;  // per KV head
+  const std::int64_t npos = p1 - p0, rows = npos * g;  // rows per KV head
   const std::int64_t lanes = lay.lanes_per_head();
   auto lane_head = [&](std::int64_t r) { return hk0 + r / lanes; };
+  constexpr bool two_keys = requires { pb.ks.k2_row(b, k_begin, hk0); };
 
-  // Lanes: h·lanes + r <-> (KV head hk0 + h, position p0 + r / g, group head r % g); pad lanes
-  // repeat the head's last row.
+  // Lanes: h·lanes + x <-> (KV head hk0 + h, row lay.lane_row(x)); pad lanes repeat a row.
   for (std::int64_t x = 0; x < nh * lanes; ++x) {
-    const std::int64_t rr = std::min(x % lanes, rows - 1);
-    ws.pos[x] = p0 + rr / g;
-    ws.head[x] = pb.heads.out_head(lane_head(x), rr % g);
+    const auto id = pb.heads.row_of(lay.lane_row(x % lanes), npos);
+    ws.pos[x] = p0 + id.pos;
+    ws.head[x] = pb.heads.out_head(lane_head(x), id.j);
     const key_bounds kb = mask.lane_bounds(ws.pos[x]);
     ws.lane_lo[x] = kb.lo;
     ws.lane_hi[x] = kb.hi;
@@ -84,7 +92,8 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
       // Keep a window of `ahead` tokens (every head, K and V: about prefetch_bytes) on its way
       // into L2: each tile prefetches the tokens entering the window, in address order.
       using KV = std::remove_cv_t<std::remove_pointer_t<decltype(pb.ks.k_row(b, a, hk0))>>;
-      const std::int64_t token_bytes = nh * (pb.dim_qk + pb.dim_v) * static_cast<std::int64_t>(sizeof(KV));
+      const std::int64_t token_bytes =
+          nh * ((two_keys ? 2 : 1) * pb.dim_qk + pb.dim_v) * static_cast<std::int64_t>(sizeof(KV));
       const std::int64_t ahead = std::max<std::int64_t>(n, prefetch_bytes / token_bytes);
       const std::int64_t from = a == k_begin ? a : a + ahead, to = std::min(a + n + ahead, kv_end);
       for (std::int64_t j = std::max(from, a); j < to; ++j)
@@ -93,6 +102,10 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
           const auto* v = pb.ks.v_row(b, j, h);
           tile::prefetch_l2(k, pb.dim_qk * static_cast<std::int64_t>(sizeof(KV)));
           if (v != k) tile::prefetch_l2(v, pb.dim_v * static_cast<std::int64_t>(sizeof(KV)));  // V in K: MLA
+          if constexpr (two_keys) {
+            const auto* k2 = pb.ks.k2_row(b, j, h);
+            if (k2 != k) tile::prefetch_l2(k2, pb.dim_qk * static_cast<std::int64_t>(sizeof(KV)));
+          }
         }
     }
     if constexpr (Mask::needs_masking) {
@@ -107,8 +120,14 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
       const std::int64_t hk = hk0 + h;
       lay.select(h);
       // K, V rows [a, a+n) of KV head hk: in place or packed by the layout.
-      lay.load(pb.ks.tile(b, a, n, hk), [&](std::int64_t j) { return pb.ks.k_row(b, a + j, hk); },
-               [&](std::int64_t j) { return pb.ks.v_row(b, a + j, hk); }, n);
+      auto k_row = [&](std::int64_t j) { return pb.ks.k_row(b, a + j, hk); };
+      auto v_row = [&](std::int64_t j) { return pb.ks.v_row(b, a + j, hk); };
+      if constexpr (two_keys) {
+        lay.load(pb.ks.tile(b, a, n, hk), k_row, v_row, [&](std::int64_t j) { return pb.ks.k2_row(b, a + j, hk); },
+                 n);
+      } else {
+        lay.load(pb.ks.tile(b, a, n, hk), k_row, v_row, n);
+      }
       lay.qk(n);                                                     // S = Q·Kᵀ
       score.template apply<Arch>(lay.scores(), lay.score_count(n));  // softcap, if any
       if constexpr (Mask::needs_masking) {
@@ -124,11 +143,12 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
   // Epilogue: O / l and LSE (natural log), real rows only.
   for (std::int64_t h = 0; h < nh; ++h)
     for (std::int64_t r = 0; r < rows; ++r) {
-      const std::int64_t x = h * lanes + r, out = h * rows + r;
+      const std::int64_t x = h * lanes + lay.row_lane(r), out = h * rows + r;
       const tile::softmax_result res = tile::softmax_finalize(ws.m[x], ws.l[x]);
       lay.out_row(x, target.row(out, ws.pos[x], ws.head[x]), res.inv_l);
       target.set_lse(out, ws.pos[x], ws.head[x], res.lse);
     }
+  target.done(hk0, nh, p0, p1);
 }
 
 }  // namespace headwise::engine

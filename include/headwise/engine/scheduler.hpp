@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <numeric>
 #include <limits>
 #include <vector>
 
@@ -88,23 +89,34 @@ struct split_group {
 template <class Arch, class QS, class KS, class MaskSpec, class Score>
 void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, const blocking& blk, int num_threads) {
   const std::int64_t g = pb.heads.group, dv = pb.dim_v, hkv = pb.heads.heads_kv;
+  // Differential problems (a second key set): two row segments, query lanes only.
+  constexpr bool two_keys = requires { pb.ks.k2_row(std::int64_t{}, std::int64_t{}, std::int64_t{}); };
+  constexpr std::int64_t w = tile::arch_traits<Arch>::lanes;
+  const std::int64_t seg0 = pb.heads.segment_heads(0), seg1 = pb.heads.segment_heads(1);
   std::vector<work_item> items;
   std::vector<split_group> groups;
-  std::int64_t partial_floats = 0, rows_q = 0, rows_k = 0, max_skv = 0;
+  std::int64_t partial_floats = 0, lanes_q = 0, rows_k = 0, max_skv = 0;
   for (std::int64_t b = 0; b < pb.batch; ++b) {
     const std::int64_t sq = pb.qs.len(b), skv = pb.ks.len(b);
     if (sq == 0) continue;
     max_skv = std::max(max_skv, skv);
     // Decode (few rows per KV head): keys across lanes, one item for all KV heads of a key
     // range, so the cache is read in address order; the key range is cut into splits.
-    const bool keys = use_key_lanes<Arch>(g * sq);
-    const std::int64_t bq = keys ? sq : std::max<std::int64_t>(1, blk.rows / g);
+    const bool keys = !two_keys && use_key_lanes<Arch>(g * sq);
+    std::int64_t bq = keys ? sq : std::max<std::int64_t>(1, blk.rows / g);
+    // Two segments: positions per item such that both segments fill whole vectors.
+    if (seg1 > 0) bq = tile::round_up(bq, w / std::gcd(w, seg1));
     const std::int64_t nqb = (sq + bq - 1) / bq;
     // Items that hold all of a sequence's query rows (decode, absorbed MLA with many heads,
     // short chunks) are cut along the keys too, so that one sequence can use every thread.
     const std::int64_t split = keys ? blk.split_kv : query_lane_split(blk, std::min(bq, sq) * g, pb.dim_qk + dv, skv);
     const std::int64_t nsplit = (keys || nqb == 1) && split > 0 && skv > split ? (skv + split - 1) / split : 1;
-    (keys ? rows_k : rows_q) = std::max(keys ? rows_k : rows_q, std::min(bq, sq) * g);
+    if (keys) {
+      rows_k = std::max(rows_k, std::min(bq, sq) * g);
+    } else {
+      const std::int64_t np = std::min(bq, sq);
+      lanes_q = std::max(lanes_q, query_lanes<Arch>::lanes_for(np * seg0, np * seg1));
+    }
     const std::int64_t nh = keys ? hkv : 1;
     for (std::int64_t hk = 0; hk < hkv; hk += nh)
       for (std::int64_t qb = nqb - 1; qb >= 0; --qb) {  // later q-blocks first: longest under causal
@@ -130,35 +142,38 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
   const std::int64_t bk_k = std::clamp<std::int64_t>(max_skv, 1, blk.decode_block_kv);
   std::vector<workspace> ws(static_cast<std::size_t>(nt));  // allocated before any work
   for (auto& x : ws) {
-    if (rows_q > 0) query_lanes<Arch>::reserve(x, rows_q, pb.dim_qk, dv, bk_q);
+    if (lanes_q > 0) query_lanes<Arch>::reserve(x, lanes_q, pb.dim_qk, dv, bk_q, two_keys);
     if (rows_k > 0) key_lanes<Arch>::reserve(x, rows_k, hkv, pb.dim_qk, dv, bk_k);
   }
   std::vector<float> partial(static_cast<std::size_t>(partial_floats));
 
   HEADWISE_OMP(parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1))
   for (std::int64_t it = 0; it < n_items; ++it) {
-    const work_item& w = items[static_cast<std::size_t>(it)];
+    const work_item& wi = items[static_cast<std::size_t>(it)];
     workspace& mine = ws[static_cast<std::size_t>(thread_index())];
-    const auto mask = ms.make(pb.qs.len(w.b), pb.ks.len(w.b));
-    const std::int64_t rows = (w.p1 - w.p0) * g;  // per KV head
+    const auto mask = ms.make(pb.qs.len(wi.b), pb.ks.len(wi.b));
+    const std::int64_t rows = (wi.p1 - wi.p0) * g;  // per KV head
     auto go = [&](auto& lay, std::int64_t bk) {
-      if (w.partial < 0) {
-        attend_block<Arch>(pb, mask, score, bk, blk.prefetch_bytes, lay, w.b, w.hk, w.p0, w.p1, w.k_begin, w.k_end, true,
-                           final_target<QS>{pb.qs, w.b});
+      if (wi.partial < 0) {
+        attend_block<Arch>(pb, mask, score, bk, blk.prefetch_bytes, lay, wi.b, wi.hk, wi.p0, wi.p1, wi.k_begin, wi.k_end, true,
+                           final_target<QS>{pb.qs, wi.b});
       } else {
-        float* o = partial.data() + w.partial;
+        float* o = partial.data() + wi.partial;
         const std::int64_t all = rows * lay.heads();
-        attend_block<Arch>(pb, mask, score, bk, blk.prefetch_bytes, lay, w.b, w.hk, w.p0, w.p1, w.k_begin, w.k_end, w.first_split,
+        attend_block<Arch>(pb, mask, score, bk, blk.prefetch_bytes, lay, wi.b, wi.hk, wi.p0, wi.p1, wi.k_begin, wi.k_end, wi.first_split,
                            partial_target{o, o + all * dv, dv});
       }
     };
-    if (w.keys) {
-      key_lanes<Arch> lay(mine, rows, hkv, pb.dim_qk, dv, bk_k);
-      go(lay, bk_k);
-    } else {
-      query_lanes<Arch> lay(mine, rows, pb.dim_qk, dv, w.p0 == 0 && w.p1 == pb.qs.len(w.b));
-      go(lay, bk_q);
+    if constexpr (!two_keys) {
+      if (wi.keys) {
+        key_lanes<Arch> lay(mine, rows, hkv, pb.dim_qk, dv, bk_k);
+        go(lay, bk_k);
+        continue;
+      }
     }
+    const std::int64_t np = wi.p1 - wi.p0;
+    query_lanes<Arch> lay(mine, np * seg0, np * seg1, pb.dim_qk, dv, wi.p0 == 0 && wi.p1 == pb.qs.len(wi.b));
+    go(lay, bk_q);
   }
 
   // Split-KV reduce: fold each group's partial states in split order, then write the rows.
@@ -177,11 +192,12 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
     const final_target<QS> t{pb.qs, sg.b};
     const std::int64_t rows_h = (sg.p1 - sg.p0) * g;
     for (std::int64_t r = 0; r < sg.rows; ++r) {
-      const std::int64_t rr = r % rows_h;
-      const std::int64_t pos = sg.p0 + rr / g, head = pb.heads.out_head(sg.hk + r / rows_h, rr % g);
+      const auto id = pb.heads.row_of(r % rows_h, sg.p1 - sg.p0);
+      const std::int64_t pos = sg.p0 + id.pos, head = pb.heads.out_head(sg.hk + r / rows_h, id.j);
       std::copy(acc + r * dv, acc + (r + 1) * dv, t.row(r, pos, head));
       t.set_lse(r, pos, head, acc_lse[r]);
     }
+    t.done(sg.hk, sg.nh, sg.p0, sg.p1);
   }
 }
 

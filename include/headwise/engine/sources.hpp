@@ -52,6 +52,7 @@ struct kv_tile_rows {
   const KV* k = nullptr;
   const KV* v = nullptr;
   std::int64_t ld_k = 0, ld_v = 0;
+  const KV* k2 = nullptr;  ///< second key set (differential: the noise keys), stride ld_k
 };
 
 /// K/V in [batch, seq_kv, heads_kv, dim] views (V may alias K).
@@ -86,6 +87,29 @@ struct varlen_kv {
   [[nodiscard]] kv_tile_rows<KV> tile(std::int64_t b, std::int64_t a, std::int64_t /*n*/,
                                       std::int64_t h) const noexcept {
     return {k_row(b, a, h), v_row(b, a, h), k.stride[0], v.stride[0]};
+  }
+};
+
+/// Differential attention's K/V, [batch, seq_kv, heads, dim] views: pair h has signal keys
+/// K1 = k head 2h and noise keys K2 = k head 2h + 1 (interleaved pairs, as GDA/DIFF store them),
+/// or, with shared keys (DIFF V2), both = k head h; its value is v head h.
+template <class KV>
+struct pair_kv {
+  tensor_view<const KV, 4> k, v;
+  bool shared = false;
+  [[nodiscard]] std::int64_t len(std::int64_t /*b*/) const noexcept { return k.shape[1]; }
+  [[nodiscard]] const KV* k_row(std::int64_t b, std::int64_t j, std::int64_t h) const noexcept {
+    return &k(b, j, shared ? h : 2 * h, 0);
+  }
+  [[nodiscard]] const KV* k2_row(std::int64_t b, std::int64_t j, std::int64_t h) const noexcept {
+    return &k(b, j, shared ? h : 2 * h + 1, 0);
+  }
+  [[nodiscard]] const KV* v_row(std::int64_t b, std::int64_t j, std::int64_t h) const noexcept {
+    return &v(b, j, h, 0);
+  }
+  [[nodiscard]] kv_tile_rows<KV> tile(std::int64_t b, std::int64_t a, std::int64_t /*n*/,
+                                      std::int64_t h) const noexcept {
+    return {k_row(b, a, h), v_row(b, a, h), k.stride[1], v.stride[1], k2_row(b, a, h)};
   }
 };
 

@@ -51,6 +51,9 @@ struct shape {
   std::int64_t page_size = 0;           ///< paged KV cache (decode_paged families); 0 = contiguous
   bool name_causal = true;              ///< decode names omit causal (bottom-right, all keys visible)
   bool v_in_k = false;                  ///< V is a prefix of K (absorbed MLA): K/V bytes are K's only
+  /// Differential families (gda, gda_unfused, diff): heads_q = signal heads hs, heads_noise = hn,
+  /// heads_kv = K/V pairs (K holds 2 heads of dim_qk = d per pair, V one of dim_v = 2d).
+  std::int64_t heads_noise = 0;
 
   /// `<family>[_<dtype>]/b:../sq:../skv:../hq:../hkv:../dqk:../dv:../causal:../threads:..`
   /// (DESIGN.md §4), plus `/rows:../bkv:..` for the tuning family.
@@ -63,6 +66,23 @@ struct shape {
       n += ':';
       n += std::to_string(value);
     };
+    if (heads_noise > 0) {  // gda/sq/skv/hs/hn/hkv/d/causal/threads; diff: h = hs = hn
+      if (batch != 1) arg("b", batch);
+      arg("sq", seq_q);
+      arg("skv", seq_kv);
+      if (family == "diff") {
+        arg("h", heads_q);
+      } else {
+        arg("hs", heads_q);
+        arg("hn", heads_noise);
+      }
+      arg("hkv", heads_kv);
+      arg("d", dim_qk);
+      if (dim_v != 2 * dim_qk) arg("dv", dim_v);
+      arg("causal", causal ? 1 : 0);
+      arg("threads", threads);
+      return n;
+    }
     arg("b", batch);
     arg("sq", seq_q);
     arg("skv", seq_kv);
@@ -84,13 +104,16 @@ struct shape {
   [[nodiscard]] std::string data_key() const {
     return std::string(dtype_name(dtype)) + ':' + std::to_string(batch) + ':' + std::to_string(seq_q) + ':' +
            std::to_string(seq_kv) + ':' + std::to_string(heads_q) + ':' + std::to_string(heads_kv) + ':' +
-           std::to_string(dim_qk) + ':' + std::to_string(dim_v) + ':' + std::to_string(heads_out());
+           std::to_string(dim_qk) + ':' + std::to_string(dim_v) + ':' + std::to_string(heads_out()) + ':' +
+           std::to_string(heads_noise);
   }
 
   /// Output heads: heads_q, or max(heads_q, heads_kv) with the tile head map (reverse SQA).
   [[nodiscard]] std::int64_t heads_out() const noexcept {
     return heads == headwise::head_map::tile ? std::max(heads_q, heads_kv) : heads_q;
   }
+  /// Attention maps per token: the output heads, plus the noise heads of differential families.
+  [[nodiscard]] std::int64_t maps() const noexcept { return heads_out() + heads_noise; }
 
   /// Number of visible (query, key) pairs of one head. Exact, not halved: with the bottom-right
   /// causal mask query i sees keys j <= i + seq_kv - seq_q, i.e. min(seq_kv, max(0, i + seq_kv -
@@ -104,17 +127,19 @@ struct shape {
     return pairs;
   }
 
-  /// FLOPs of one call: 2·B·heads_out·pairs·(dim_qk + dim_v) (S = Q·Kᵀ and O += P·V).
+  /// FLOPs of one call: 2·B·maps·pairs·(dim_qk + dim_v) (S = Q·Kᵀ and O += P·V; maps = heads_out,
+  /// or hs + hn for the differential families).
   [[nodiscard]] double flops() const noexcept {
-    return 2.0 * static_cast<double>(batch) * static_cast<double>(heads_out()) * visible_pairs() *
+    return 2.0 * static_cast<double>(batch) * static_cast<double>(maps()) * visible_pairs() *
            static_cast<double>(dim_qk + dim_v);
   }
 
   /// K and V bytes one call must read, each KV head once: B·seq_kv·heads_kv·(dim_qk + dim_v)·sizeof
   /// (dim_qk only when V is a prefix of K: the latent cache of absorbed MLA).
   [[nodiscard]] double kv_bytes() const noexcept {
+    const std::int64_t per_head = v_in_k ? dim_qk : (heads_noise > 0 ? 2 * dim_qk : dim_qk) + dim_v;
     return static_cast<double>(batch) * static_cast<double>(seq_kv) * static_cast<double>(heads_kv) *
-           static_cast<double>(v_in_k ? dim_qk : dim_qk + dim_v) * static_cast<double>(dtype_size(dtype));
+           static_cast<double>(per_head) * static_cast<double>(dtype_size(dtype));
   }
 };
 
@@ -197,6 +222,9 @@ void register_decode_benchmarks(const std::vector<shape>& shapes);
 
 std::vector<shape> mla_shapes(const plan_options& opt);
 void register_mla_benchmarks(const std::vector<shape>& shapes);
+
+std::vector<shape> diff_shapes(const plan_options& opt);
+void register_diff_benchmarks(const std::vector<shape>& shapes);
 
 std::vector<shape> unfused_eigen_shapes(const plan_options& opt);
 void register_unfused_eigen_benchmarks(const std::vector<shape>& shapes);

@@ -89,10 +89,11 @@ int main(int argc, char** argv) {
   const std::vector<shape> decode = decode_shapes(plan);
   const std::vector<shape> mla = mla_shapes(plan);
   const std::vector<shape> eigen = unfused_eigen_shapes(plan);
+  const std::vector<shape> diff = diff_shapes(plan);
 
   // Every thread count a registered benchmark uses, ascending.
   std::vector<int> thread_counts;
-  for (const auto* list : {&dense, &decode, &mla, &eigen}) {
+  for (const auto* list : {&dense, &decode, &mla, &eigen, &diff}) {
     for (const shape& s : *list) {
       if (std::find(thread_counts.begin(), thread_counts.end(), s.threads) == thread_counts.end()) {
         thread_counts.push_back(s.threads);
@@ -112,6 +113,7 @@ int main(int argc, char** argv) {
   register_decode_benchmarks(decode);
   register_mla_benchmarks(mla);
   register_unfused_eigen_benchmarks(eigen);
+  register_diff_benchmarks(diff);
 
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -200,22 +200,22 @@ std::pair<engine::problem<diff_q, engine::pair_kv<KV>>, diff_heads> check_diff(
   check_lse(lse_noise, "lse_noise", h.noise, "heads_noise");
   using in_q = std::pair<const char*, tensor_view<const float, 4>>;
   using in_kv = std::pair<const char*, tensor_view<const KV, 4>>;
-  check_outputs(c, out, lse_signal, opt, in_q{"q", q}, in_kv{"k", k}, in_kv{"v", v});
-  auto no_alias_extra = [&](const auto& o, const std::string& name) {
-    c.no_alias(o, name, opt.lambda_tokens, "options.lambda_tokens");
-    c.no_alias(o, name, opt.norm_weight, "options.norm_weight");
+  check_outputs(c, out, tensor_view<float, 3>{}, opt, in_q{"q", q}, in_kv{"k", k}, in_kv{"v", v});
+  c.no_alias(out, "out", opt.lambda_tokens, "options.lambda_tokens");
+  c.no_alias(out, "out", opt.norm_weight, "options.norm_weight");
+  auto check_lse_out = [&](const tensor_view<float, 3>& l, const std::string& name) {
+    if (l.absent()) return;
+    c.no_self_overlap(l, name);
+    c.no_alias(l, name, q, "q");
+    c.no_alias(l, name, k, "k");
+    c.no_alias(l, name, v, "v");
+    c.no_alias(l, name, out, "out");
+    c.no_alias(l, name, opt.lambda_tokens, "options.lambda_tokens");
+    c.no_alias(l, name, opt.norm_weight, "options.norm_weight");
   };
-  no_alias_extra(out, "out");
-  if (!lse_signal.absent()) no_alias_extra(lse_signal, "lse_signal");
-  if (!lse_noise.absent()) {
-    c.no_self_overlap(lse_noise, "lse_noise");
-    c.no_alias(lse_noise, "lse_noise", q, "q");
-    c.no_alias(lse_noise, "lse_noise", k, "k");
-    c.no_alias(lse_noise, "lse_noise", v, "v");
-    c.no_alias(lse_noise, "lse_noise", out, "out");
-    c.no_alias(lse_noise, "lse_noise", lse_signal, "lse_signal");
-    no_alias_extra(lse_noise, "lse_noise");
-  }
+  check_lse_out(lse_signal, "lse_signal");
+  check_lse_out(lse_noise, "lse_noise");
+  if (!lse_signal.absent() && !lse_noise.absent()) c.no_alias(lse_noise, "lse_noise", lse_signal, "lse_signal");
 
   engine::problem<diff_q, engine::pair_kv<KV>> pb;
   pb.qs.q = q;

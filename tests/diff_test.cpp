@@ -350,6 +350,15 @@ TEST(diff_attention, diff_and_gda_f16_kv_match_reference) {
   check_sweep<f16>(causal_mode::top_left, 550);
 }
 
+// Many signal heads per noise head (G = 32, 16): positions per item are not rounded up to fill
+// the noise segment (that would quadruple the item), so the noise lanes are padded.
+TEST(diff_attention, gda_many_signal_heads_per_noise_head_match_reference) {
+  for (const auto& s : {diff_shape{1, 45, 70, 32, 1, 1, 16, 32}, diff_shape{2, 21, 40, 32, 2, 2, 16, 24}}) {
+    diff_case<float> c(s, 31);
+    run_and_check(c, v1_options(causal_mode::bottom_right, 0.6f, 0.25f), "G 16-32");
+  }
+}
+
 // Strided views: padded rows/heads/batches and a BHSD memory order for every tensor; out's
 // padding must keep its sentinel.
 TEST(diff_attention, gda_strided_views_match_reference) {

@@ -7,8 +7,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <numeric>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "../tile/diagnostics.hpp"
@@ -104,8 +104,12 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
     // range, so the cache is read in address order; the key range is cut into splits.
     const bool keys = !two_keys && use_key_lanes<Arch>(g * sq);
     std::int64_t bq = keys ? sq : std::max<std::int64_t>(1, blk.rows / g);
-    // Two segments: positions per item such that both segments fill whole vectors.
-    if (seg1 > 0) bq = tile::round_up(bq, w / std::gcd(w, seg1));
+    // Two segments: positions per item such that both segments fill whole vectors, unless that
+    // would more than double the item (many signal heads per noise head: pad instead).
+    if (seg1 > 0 && !keys) {
+      const std::int64_t up = tile::round_up(bq, w / std::gcd(w, seg1));
+      if (up * g <= 2 * std::max<std::int64_t>(blk.rows, g)) bq = up;
+    }
     const std::int64_t nqb = (sq + bq - 1) / bq;
     // Items that hold all of a sequence's query rows (decode, absorbed MLA with many heads,
     // short chunks) are cut along the keys too, so that one sequence can use every thread.

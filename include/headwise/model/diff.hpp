@@ -29,6 +29,7 @@
 HEADWISE_DIAGNOSTICS_PUSH
 #include <Eigen/Dense>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -160,8 +161,7 @@ struct gda_weights {
                                    const std::string& what) {
       detail::check_vector(c, v, name, size, what);
       for (std::int64_t i = 0; i < size; ++i)
-        c.require(std::isfinite(v(i)), name + "[" + detail::to_text(i) + "]", "a finite value",
-                  detail::to_text(v(i)));
+        if (!std::isfinite(v(i))) c.fail(name + "[" + detail::to_text(i) + "]", "a finite value", detail::to_text(v(i)));
     };
     finite_vector(lambda_q1, "weights.lambda_q1", d, "head_dim");
     finite_vector(lambda_k1, "weights.lambda_k1", d, "head_dim");
@@ -288,7 +288,9 @@ class gda_cache {
       : pairs_(config.kv_pairs), head_dim_(config.head_dim) {
     config.validate();
     const detail::checker c("headwise::model::gda_cache");
-    c.require(reserve_tokens >= 0, "reserve_tokens", ">= 0", detail::to_text(reserve_tokens));
+    c.require(reserve_tokens >= 0 && reserve_tokens <= (std::int64_t{1} << 40) / std::max<std::int64_t>(1, v_width()),
+              "reserve_tokens", ">= 0 and reserve_tokens·(2·head_dim·kv_pairs) < 2^40 values",
+              detail::to_text(reserve_tokens));
     k_.reserve(static_cast<std::size_t>(reserve_tokens * k_width()));
     v_.reserve(static_cast<std::size_t>(reserve_tokens * v_width()));
   }
@@ -445,7 +447,8 @@ inline gda_parameters grow_signal_heads(const gda_config& config, const gda_weig
                                         std::int64_t factor, const std::vector<double>& split = {}) {
   const detail::checker c("headwise::model::grow_signal_heads");
   weights.check(config);
-  c.require(factor >= 1, "factor", ">= 1", detail::to_text(factor));
+  c.require(factor >= 1 && factor <= (std::int64_t{1} << 20) / std::max<std::int64_t>(1, config.heads_signal),
+            "factor", ">= 1 and factor·heads_signal <= 2^20", detail::to_text(factor));
   std::vector<double> share(static_cast<std::size_t>(factor), 1.0 / static_cast<double>(factor));
   if (!split.empty()) {
     c.equal(static_cast<std::int64_t>(split.size()), factor, "split.size()",

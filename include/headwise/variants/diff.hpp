@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -163,8 +164,9 @@ std::pair<engine::problem<diff_q, engine::pair_kv<KV>>, diff_heads> check_diff(
     for (std::int64_t b = 0; b < batch; ++b)
       for (std::int64_t i = 0; i < seq_q; ++i)
         for (std::int64_t s = 0; s < h.signal; ++s)
-          c.require(std::isfinite(t(b, i, s)), "options.lambda_tokens[" + to_text(b) + "][" + to_text(i) + "][" +
-                                                   to_text(s) + "]", "a finite value", to_text(t(b, i, s)));
+          if (!std::isfinite(t(b, i, s)))  // messages built only on failure: this loop is per token
+            c.fail("options.lambda_tokens[" + to_text(b) + "][" + to_text(i) + "][" + to_text(s) + "]",
+                   "a finite value", to_text(t(b, i, s)));
   }
   c.require(opt.norm == diff_norm::rms || opt.norm == diff_norm::none, "options.norm", "rms or none",
             to_text(static_cast<int>(opt.norm)));
@@ -180,8 +182,8 @@ std::pair<engine::problem<diff_q, engine::pair_kv<KV>>, diff_heads> check_diff(
       c.view(opt.norm_weight, "options.norm_weight", {1}, {"dim_v"});
       c.equal(opt.norm_weight.shape[0], dv, "options.norm_weight.shape[0] (dim_v)", "v.shape[3]");
       for (std::int64_t i = 0; i < dv; ++i)
-        c.require(std::isfinite(opt.norm_weight(i)), "options.norm_weight[" + to_text(i) + "]", "a finite value",
-                  to_text(opt.norm_weight(i)));
+        if (!std::isfinite(opt.norm_weight(i)))
+          c.fail("options.norm_weight[" + to_text(i) + "]", "a finite value", to_text(opt.norm_weight(i)));
     }
   } else {
     c.require(!opt.lambda_init.has_value(), "options.lambda_init", "none with diff_norm::none (DIFF V2 has no factor)",
@@ -265,10 +267,13 @@ void diff_attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_
   auto [pb, h] = detail::check_diff<KV>(c, q, tensor_view<const KV, 4>(k), tensor_view<const KV, 4>(v), out, options,
                                         lse_signal, lse_noise);
   if (out.numel() == 0) return;
-  // Noise rows live here until their block is combined (written and read by the same item).
+  // Noise rows live here until their block is combined: every row is written by the work item
+  // (or split merge) that then reads it, so the buffer needs no initialisation. Its size is
+  // out's times hn/hs (size checked like out's: out.numel() fits).
   const std::int64_t dv = pb.dim_v;
-  std::vector<float> scratch(static_cast<std::size_t>(q.shape[0] * q.shape[1] * h.noise * dv));
-  pb.qs.noise = bshd<float>(scratch.data(), q.shape[0], q.shape[1], h.noise, dv);
+  const auto scratch = std::make_unique_for_overwrite<float[]>(
+      static_cast<std::size_t>(q.shape[0] * q.shape[1] * h.noise * dv));
+  pb.qs.noise = bshd<float>(scratch.get(), q.shape[0], q.shape[1], h.noise, dv);
   detail::run_attention<tile::default_arch>(pb, options, default_blocking());
 }
 

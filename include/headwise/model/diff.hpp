@@ -115,8 +115,13 @@ struct gda_config {
   void validate() const {
     const detail::checker c("headwise::model::gda_config");
     using detail::to_text;
-    c.require(d_model >= 1, "config.d_model", ">= 1", to_text(d_model));
-    c.require(heads_noise >= 1, "config.heads_noise", ">= 1", to_text(heads_noise));
+    // Sizes stay far from overflow: every weight has at most 2^40 values.
+    constexpr std::int64_t max_extent = std::int64_t{1} << 20;
+    c.require(d_model >= 1 && d_model <= max_extent, "config.d_model", "1..2^20", to_text(d_model));
+    c.require(heads_noise >= 1 && heads_noise <= max_extent, "config.heads_noise", "1..2^20", to_text(heads_noise));
+    c.require(heads_signal <= max_extent, "config.heads_signal", "<= 2^20", to_text(heads_signal));
+    c.require(head_dim <= max_extent / std::max<std::int64_t>(1, heads_signal + heads_noise), "config.head_dim",
+              "(heads_signal + heads_noise)·head_dim <= 2^20", to_text(head_dim));
     c.require(heads_signal >= 1 && heads_signal % heads_noise == 0, "config.heads_signal",
               "a positive multiple of heads_noise = " + to_text(heads_noise), to_text(heads_signal));
     c.require(kv_pairs >= 1 && heads_noise % kv_pairs == 0, "config.kv_pairs",

@@ -376,7 +376,8 @@ class latent_cache {
   explicit latent_cache(std::int64_t width, std::int64_t reserve_tokens = 0) : width_(width) {
     const detail::checker c("headwise::model::latent_cache");
     c.require(width >= 1, "width", ">= 1", detail::to_text(width));
-    c.require(reserve_tokens >= 0, "reserve_tokens", ">= 0", detail::to_text(reserve_tokens));
+    c.require(reserve_tokens >= 0 && reserve_tokens <= (std::int64_t{1} << 40) / width, "reserve_tokens",
+              ">= 0 and width·reserve_tokens <= 2^40 values", detail::to_text(reserve_tokens));
     rows_.reserve(static_cast<std::size_t>(width * reserve_tokens));
   }
 

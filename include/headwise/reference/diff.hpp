@@ -116,7 +116,7 @@ void diff_attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_
   const detail::checker c("headwise::reference::diff_attention");
   const std::int64_t batch = q.shape[0], seq_q = q.shape[1], d = q.shape[3], dv = v.shape[3];
   const std::int64_t hs = out.shape[2], hn = q.shape[2] - hs, pairs = v.shape[2];
-  c.require(hn >= 1 && hs % hn == 0 && hn % pairs == 0 && hs % pairs == 0, "q.shape[2], out.shape[2], v.shape[2]",
+  c.require(hn >= 1 && pairs >= 1 && hs % hn == 0 && hn % pairs == 0 && hs % pairs == 0, "q.shape[2], out.shape[2], v.shape[2]",
             "hs % hn == 0, pairs dividing hs and hn", "hs " + std::to_string(hs) + ", hn " + std::to_string(hn) +
                                                          ", pairs " + std::to_string(pairs));
   c.equal(k.shape[2], opt.shared_keys ? pairs : 2 * pairs, "k.shape[2]", "(2 *) pairs");

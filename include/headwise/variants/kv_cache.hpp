@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #include "attention.hpp"
@@ -259,12 +260,21 @@ void kv_cache_append(tensor_view<T, 4> k_cache, tensor_view<T, 4> v_cache,
   c.equal(v_new.shape[3], v_cache.shape[3], "v_new.shape[3] (dim_v)", "v_cache.shape[3]");
   for (std::int64_t b = 0; b < batch; ++b) {
     const std::int64_t pos = cache_seqlens(b);
-    c.require(pos >= 0 && pos + n <= k_cache.shape[1], "cache_seqlens[" + std::to_string(b) + "]",
+    c.require(pos >= 0 && pos <= k_cache.shape[1] && n <= k_cache.shape[1] - pos,
+              "cache_seqlens[" + std::to_string(b) + "]",
               "a position with room for " + std::to_string(n) + " tokens in capacity " +
                   std::to_string(k_cache.shape[1]),
               std::to_string(pos));
   }
+  // Outputs first: each cache must give every element its own address and overlap no input.
+  c.no_self_overlap(k_cache, "k_cache");
+  c.no_self_overlap(v_cache, "v_cache");
   c.no_alias(k_cache, "k_cache", v_cache, "v_cache");
+  for (const auto& [cache, name] : {std::pair{k_cache, "k_cache"}, std::pair{v_cache, "v_cache"}}) {
+    c.no_alias(cache, name, k_new, "k_new");
+    c.no_alias(cache, name, v_new, "v_new");
+    c.no_alias(cache, name, cache_seqlens, "cache_seqlens");
+  }
   for (std::int64_t b = 0; b < batch; ++b) {
     const std::int64_t pos = cache_seqlens(b);
     auto slice = [&](auto cache) {
@@ -302,9 +312,13 @@ void paged_kv_append(tensor_view<T, 4> k_pages, tensor_view<T, 4> v_pages,
   // The cache as it is (shapes, block table, current lengths), then room for the new tokens.
   (void)detail::check_paged(c, kv, batch, k_new.shape[3]);
   const std::int64_t page_size = k_pages.shape[1];
+  const std::int64_t capacity = block_table.shape[1] > std::numeric_limits<std::int64_t>::max() / page_size
+                                    ? std::numeric_limits<std::int64_t>::max()
+                                    : block_table.shape[1] * page_size;
   for (std::int64_t b = 0; b < batch; ++b) {
-    const std::int64_t end = static_cast<std::int64_t>(seqlens(b)) + n;
-    c.require(seqlens(b) >= 0 && end <= block_table.shape[1] * page_size, "seqlens[" + std::to_string(b) + "]",
+    const bool room = seqlens(b) >= 0 && n <= capacity - seqlens(b);  // no overflow of seqlens + n
+    const std::int64_t end = room ? static_cast<std::int64_t>(seqlens(b)) + n : 0;
+    c.require(room, "seqlens[" + std::to_string(b) + "]",
               "room for " + std::to_string(n) + " more tokens in " + std::to_string(block_table.shape[1]) +
                   " pages of " + std::to_string(page_size),
               std::to_string(seqlens(b)));
@@ -319,7 +333,15 @@ void paged_kv_append(tensor_view<T, 4> k_pages, tensor_view<T, 4> v_pages,
   c.equal(v_new.shape[1], n, "v_new.shape[1] (n)", "k_new.shape[1]");
   c.equal(v_new.shape[2], v_pages.shape[2], "v_new.shape[2] (heads_kv)", "v_pages.shape[2]");
   c.equal(v_new.shape[3], v_pages.shape[3], "v_new.shape[3] (dim_v)", "v_pages.shape[3]");
+  c.no_self_overlap(k_pages, "k_pages");
+  c.no_self_overlap(v_pages, "v_pages");
   c.no_alias(k_pages, "k_pages", v_pages, "v_pages");
+  for (const auto& [pages, name] : {std::pair{k_pages, "k_pages"}, std::pair{v_pages, "v_pages"}}) {
+    c.no_alias(pages, name, k_new, "k_new");
+    c.no_alias(pages, name, v_new, "v_new");
+    c.no_alias(pages, name, block_table, "block_table");
+    c.no_alias(pages, name, seqlens, "seqlens");
+  }
   for (std::int64_t b = 0; b < batch; ++b)
     for (std::int64_t t = 0; t < n; ++t) {
       const std::int64_t j = seqlens(b) + t, page = block_table(b, j / page_size), row = j % page_size;

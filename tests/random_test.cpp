@@ -473,11 +473,18 @@ void draw_options(rng& r, config& c, std::int64_t max_skv, bool allow_sink_logit
   c.threads2 = static_cast<int>((c.threads + r.range(1, 3)) % 4);
 }
 
-void draw_blocking(rng& r, blocking& b) {
-  b.rows = r.pick<std::int64_t>({1, 2, 3, 4, 7, 8, 16, 24, 32, 64, 128, 256});
-  b.block_kv = r.pick<std::int64_t>({1, 2, 3, 8, 16, 17, 32, 48, 64, 128});
-  b.decode_block_kv = r.pick<std::int64_t>({1, 2, 4, 8, 15, 16, 32, 64});
-  b.split_kv = r.pick<std::int64_t>({0, 1, 2, 5, 16, 33, 64, 100, 256, 2048});
+/// A work decomposition; the tiniest tiles and splits only for short sequences (they exercise
+/// the same code there, and cost a thousand tiles per row on long ones).
+void draw_blocking(rng& r, const config& c, blocking& b) {
+  const bool long_q = c.seq_q > 256, long_kv = c.seq_kv > 512;
+  b.rows = long_q ? r.pick<std::int64_t>({8, 16, 24, 32, 64, 128, 256})
+                  : r.pick<std::int64_t>({1, 2, 3, 4, 7, 8, 16, 24, 32, 64, 128, 256});
+  b.block_kv = long_kv ? r.pick<std::int64_t>({16, 17, 32, 48, 64, 128})
+                       : r.pick<std::int64_t>({1, 2, 3, 8, 16, 17, 32, 48, 64, 128});
+  b.decode_block_kv = long_kv ? r.pick<std::int64_t>({8, 15, 16, 32, 64})
+                              : r.pick<std::int64_t>({1, 2, 4, 8, 15, 16, 32, 64});
+  b.split_kv = long_kv ? r.pick<std::int64_t>({0, 64, 100, 256, 2048})
+                       : r.pick<std::int64_t>({0, 1, 2, 5, 16, 33, 64, 100, 256, 2048});
   b.prefetch_bytes = r.pick<std::int64_t>({0, 64, 4096, 192 * 1024});
 }
 
@@ -554,7 +561,7 @@ void draw_attention(rng& r, config& c) {
   c.lay_lse = draw_lse_layout(r);
   if (c.dim_v <= c.dim_qk && r.coin(0.12)) c.v_aliases_k = true;
   draw_options(r, c, c.seq_kv, true);
-  if (c.ep == entry::attention_blocked) draw_blocking(r, c.blk);
+  if (c.ep == entry::attention_blocked) draw_blocking(r, c, c.blk);
 }
 
 /// Ragged lengths of `batch` sequences: queries (chunk) and keys (cache).

@@ -221,6 +221,8 @@ std::vector<bad<Fx>> option_cases(std::int64_t heads_out, bool sinks) {
       {"softcap -1", [](Fx& f) { f.opts().softcap = -1.0f; }, "options.softcap"},
       {"softcap NaN", [](Fx& f) { f.opts().softcap = kNaN; }, "options.softcap"},
       {"softcap +inf", [](Fx& f) { f.opts().softcap = kInf; }, "options.softcap"},
+      {"softcap subnormal", [](Fx& f) { f.opts().softcap = 1e-40f; }, "options.softcap"},
+      {"softcap above 1e38", [](Fx& f) { f.opts().softcap = 2e38f; }, "options.softcap"},
       {"window_left -2", [](Fx& f) { f.opts().window_left = -2; }, "options.window_left"},
       {"window_right -2", [](Fx& f) { f.opts().window_right = -2; }, "options.window_right"},
       {"window_right 1 with bottom_right causal",
@@ -317,8 +319,7 @@ std::vector<runner<dense_fx>> dense_runners() {
   return {
       {"attention", "headwise::attention",
        [](dense_fx& f) { headwise::attention(f.q, f.k, f.v, f.out, f.o, f.lse); }},
-      // attention_blocked reports its tensor and option checks as headwise::attention (see the doc).
-      {"attention_blocked", "headwise::attention",
+      {"attention_blocked", "headwise::attention_blocked",
        [](dense_fx& f) {
          headwise::attention_blocked(f.q, f.k, f.v, f.out, f.o, f.lse, headwise::engine::blocking{16, 16});
        }},
@@ -767,7 +768,7 @@ TEST(audit, audit_kv_cache_append) {
               [](F& f) { f.v_new.data = reinterpret_cast<const float*>(f.vcb.data() + 16); }, "v_cache"},
              {"k_cache holds cache_seqlens",
               [](F& f) {
-                std::memcpy(f.kcb.data() + 8, f.pb.data(), 2 * sizeof(std::int32_t));
+                std::memcpy(static_cast<void*>(f.kcb.data() + 8), f.pb.data(), 2 * sizeof(std::int32_t));
                 f.pos.data = reinterpret_cast<const std::int32_t*>(f.kcb.data() + 8);
               },
               "k_cache"},
@@ -812,26 +813,25 @@ TEST(audit, audit_paged_kv_append) {
   add_view_cases<F>(c, "k_new", [](F & f) -> auto& { return f.k_new; }, {1, 0, 1, 1});
   add_view_cases<F>(c, "v_new", [](F & f) -> auto& { return f.v_new; }, {1, 0, 1, 1});
   add_view_cases<F>(c, "seqlens", [](F & f) -> auto& { return f.seqlens; }, {F::B});
-  // Reported today as kv.k_pages, kv.v_pages, kv.block_table, kv.seqlens (check_paged's names):
-  // matched loosely, so that a fix naming the parameters themselves still passes.
+  // The cache's own parameter names (check_paged runs with an empty prefix here).
   add_view_cases<F>(
-      c, "k_pages", [](F & f) -> auto& { return f.k_pages; }, {1, 1, 1, 1}, true);
+      c, "k_pages", [](F & f) -> auto& { return f.k_pages; }, {1, 1, 1, 1});
   add_view_cases<F>(
-      c, "v_pages", [](F & f) -> auto& { return f.v_pages; }, {1, 1, 1, 1}, true);
+      c, "v_pages", [](F & f) -> auto& { return f.v_pages; }, {1, 1, 1, 1});
   add_view_cases<F>(
-      c, "block_table", [](F & f) -> auto& { return f.table; }, {F::B, 0}, true);
+      c, "block_table", [](F & f) -> auto& { return f.table; }, {F::B, 0});
   append_cases(
       c,
       std::vector<bad<F>>{
           {"seqlens longer than batch", [](F& f) { f.seqlens.shape[0] = F::B + 1; }, "seqlens.shape[0]"},
-          {"v_pages num_pages", [](F& f) { f.v_pages.shape[0] = F::NP - 1; }, "v_pages.shape[0]", true},
-          {"v_pages page_size", [](F& f) { f.v_pages.shape[1] = F::PS - 1; }, "v_pages.shape[1]", true},
-          {"v_pages heads", [](F& f) { f.v_pages.shape[2] = 1; }, "v_pages.shape[2]", true},
-          {"k_pages dim != k_new dim", [](F& f) { f.k_new.shape[3] = F::D - 1; }, "k_pages.shape[3]", true},
-          {"block_table rows", [](F& f) { f.table.shape[0] = F::B + 1; }, "block_table.shape[0]", true},
-          {"current length beyond capacity", [](F& f) { f.slb[1] = 13; }, "seqlens[1]", true},
-          {"current length negative", [](F& f) { f.slb[0] = -2; }, "seqlens[0]", true},
-          {"block table entry of a used page", [](F& f) { f.tb[3] = 6; }, "block_table[1][0]", true},
+          {"v_pages num_pages", [](F& f) { f.v_pages.shape[0] = F::NP - 1; }, "v_pages.shape[0]"},
+          {"v_pages page_size", [](F& f) { f.v_pages.shape[1] = F::PS - 1; }, "v_pages.shape[1]"},
+          {"v_pages heads", [](F& f) { f.v_pages.shape[2] = 1; }, "v_pages.shape[2]"},
+          {"k_pages dim != k_new dim", [](F& f) { f.k_new.shape[3] = F::D - 1; }, "k_pages.shape[3]"},
+          {"block_table rows", [](F& f) { f.table.shape[0] = F::B + 1; }, "block_table.shape[0]"},
+          {"current length beyond capacity", [](F& f) { f.slb[1] = 13; }, "seqlens[1]"},
+          {"current length negative", [](F& f) { f.slb[0] = -2; }, "seqlens[0]"},
+          {"block table entry of a used page", [](F& f) { f.tb[3] = 6; }, "block_table[1][0]"},
           {"no room for the new tokens", [](F& f) { f.slb[1] = 11; }, "seqlens[1]"},
           {"block table entry of a new page", [](F& f) { f.slb[0] = 8; },
            "block_table[0][2]"},  // tokens 8, 9: page 2
@@ -849,13 +849,13 @@ TEST(audit, audit_paged_kv_append) {
            [](F& f) { f.v_new.data = reinterpret_cast<const float*>(f.vpb.data() + 16); }, "v_pages"},
           {"k_pages hold the block table",
            [](F& f) {
-             std::memcpy(f.kpb.data() + 100, f.tb.data(), 6 * sizeof(std::int32_t));
+             std::memcpy(static_cast<void*>(f.kpb.data() + 100), f.tb.data(), 6 * sizeof(std::int32_t));
              f.table.data = reinterpret_cast<const std::int32_t*>(f.kpb.data() + 100);
            },
            "k_pages"},
           {"v_pages hold seqlens",
            [](F& f) {
-             std::memcpy(f.vpb.data() + 50, f.slb.data(), 2 * sizeof(std::int32_t));
+             std::memcpy(static_cast<void*>(f.vpb.data() + 50), f.slb.data(), 2 * sizeof(std::int32_t));
              f.seqlens.data = reinterpret_cast<const std::int32_t*>(f.vpb.data() + 50);
            },
            "v_pages"},
@@ -1019,19 +1019,18 @@ TEST(audit, audit_mla_absorbed_paged) {
   using F = mla_fx;
   std::vector<bad<F>> c = mla_common_cases("latent_pages");
   add_view_cases<F>(c, "latent_pages", [](F & f) -> auto& { return f.pages; }, {1, 1, 1});
-  // check_paged's names (kv.block_table, kv.seqlens) matched loosely, as for paged_kv_append.
+  // The parameters' own names (check_paged runs with an empty prefix here).
   add_view_cases<F>(
-      c, "block_table", [](F & f) -> auto& { return f.table; }, {F::B, 0}, true);
+      c, "block_table", [](F & f) -> auto& { return f.table; }, {F::B, 0});
   add_view_cases<F>(
-      c, "seqlens", [](F & f) -> auto& { return f.seqlens; }, {F::B}, true);
+      c, "seqlens", [](F & f) -> auto& { return f.seqlens; }, {F::B});
   auto as_f = [](std::vector<std::int32_t>& b) { return reinterpret_cast<float*>(b.data()); };
   append_cases(
       c, std::vector<bad<F>>{
-             {"block_table rows", [](F& f) { f.table.shape[0] = F::B + 1; }, "block_table.shape[0]", true},
-             {"seqlens longer than batch", [](F& f) { f.seqlens.shape[0] = F::B + 1; }, "seqlens.shape[0]",
-              true},
-             {"length beyond capacity", [](F& f) { f.slb[1] = 9; }, "seqlens[1]", true},
-             {"page index out of range", [](F& f) { f.tb[3] = 4; }, "block_table[1][1]", true},
+             {"block_table rows", [](F& f) { f.table.shape[0] = F::B + 1; }, "block_table.shape[0]"},
+             {"seqlens longer than batch", [](F& f) { f.seqlens.shape[0] = F::B + 1; }, "seqlens.shape[0]"},
+             {"length beyond capacity", [](F& f) { f.slb[1] = 9; }, "seqlens[1]"},
+             {"page index out of range", [](F& f) { f.tb[3] = 4; }, "block_table[1][1]"},
              {"out in block_table", [as_f](F& f) { f.out.data = as_f(f.tb); }, "out"},
              {"lse in seqlens", [as_f](F& f) { f.lse.data = as_f(f.slb); }, "lse"},
          });
@@ -1196,6 +1195,25 @@ TEST(audit, audit_numel_checked_rejects_64_bit_overflow) {
   // The largest accepted float reach: 2^61 - 2 elements past the first ((reach + 1)·4 <= 2^63 - 1).
   EXPECT_EQ((tensor_view<const float, 2>(nullptr, {2, 1}, {t61 - 2, 1}).numel_checked()), 2);
   EXPECT_EQ((tensor_view<const float, 2>(nullptr, {2, 1}, {t61 - 1, 1}).numel_checked()), -1);
+  // Extreme strides without signed overflow inside the check (UBSan runs this): |INT64_MIN| has
+  // no int64 value, reach + 1 past INT64_MAX; an extent-1 axis never steps, whatever its stride.
+  constexpr std::int64_t i64_min = std::numeric_limits<std::int64_t>::min();
+  constexpr std::int64_t i64_max = std::numeric_limits<std::int64_t>::max();
+  EXPECT_EQ((tensor_view<const float, 2>(nullptr, {2, 1}, {i64_min, 1}).numel_checked()), -1);
+  EXPECT_EQ((tensor_view<const bf16, 2>(nullptr, {2, 1}, {i64_max, 1}).numel_checked()), -1);
+  EXPECT_EQ((tensor_view<const bf16, 2>(nullptr, {2, 1}, {-i64_max, 1}).numel_checked()), -1);
+  EXPECT_EQ((tensor_view<const float, 2>(nullptr, {1, 3}, {i64_min, 1}).numel_checked()), 3);
+  // An extent-1 output axis with stride INT64_MIN gives each element its own address.
+  {
+    dense_fx g;
+    const auto q1 = headwise::bshd<const float>(g.qb.data(), 1, 3, 4, 8);
+    const auto k1 = headwise::bshd<const float>(g.kb.data(), 1, 5, 2, 8);
+    const auto v1 = headwise::bshd<const float>(g.vb.data(), 1, 5, 2, 8);
+    auto out = headwise::bshd(g.ob.data(), 1, 3, 4, 8);
+    out.stride[0] = i64_min;
+    EXPECT_NO_THROW(headwise::attention(q1, k1, v1, out));
+    EXPECT_TRUE(std::isfinite(g.ob[0]));
+  }
   // An empty tensor has no offsets: accepted whatever its strides; a negative extent is rejected.
   EXPECT_EQ((tensor_view<const float, 2>(nullptr, {0, 5}, {kHuge, kHuge}).numel_checked()), 0);
   EXPECT_EQ((tensor_view<const float, 2>(nullptr, {-1, 5}, {5, 1}).numel_checked()), -1);
@@ -1821,6 +1839,193 @@ TEST(audit, audit_fixed_latent_cache_reserve_overflow) {
                          "headwise::model::latent_cache"));
   EXPECT_TRUE(RejectsAny([] { (void)hm::latent_cache<float>(std::int64_t{1} << 31, std::int64_t{1} << 31); },
                          "headwise::model::latent_cache"));
+}
+
+/// what() of the argument_error f() throws ("" when it throws nothing or something else).
+template <class F>
+std::string what_of(F&& f) {
+  try {
+    f();
+  } catch (const argument_error& e) {
+    return e.what();
+  } catch (...) {
+  }
+  return "";
+}
+
+TEST(audit, audit_fixed_messages_name_this_functions_parameters) {
+  // paged_kv_append: its own parameters, and k_new (there is no q) as the source of the dim.
+  {
+    paged_append_fx f;
+    f.k_new.shape[3] = paged_append_fx::D - 1;
+    const std::string w = what_of([&] {
+      headwise::paged_kv_append(f.k_pages, f.v_pages, f.table, f.seqlens, f.k_new, f.v_new);
+    });
+    EXPECT_EQ(w.rfind("headwise::paged_kv_append: argument 'k_pages.shape[3] (dim_qk)': expected k_new.shape[3]", 0),
+              0u)
+        << w;
+  }
+  // mla_absorbed: out / lse overlapping the latent name 'latent' (not the engine's 'k').
+  {
+    mla_fx f;
+    f.out.data = f.latb.data() + 3;
+    const std::string w = what_of([&] { headwise::mla_absorbed(f.q, f.latent, f.out, f.o, f.lse); });
+    EXPECT_NE(w.find("memory not overlapping 'latent'"), std::string::npos) << w;
+  }
+  {
+    mla_fx f;
+    f.out.data = reinterpret_cast<float*>(f.tb.data());
+    const std::string w = what_of(
+        [&] { headwise::mla_absorbed_paged(f.q, f.pages, f.table, f.seqlens, f.out, f.o, f.lse); });
+    EXPECT_NE(w.find("memory not overlapping 'block_table'"), std::string::npos) << w;
+  }
+  // attention_blocked: its own name for the tensor checks too.
+  {
+    dense_fx f;
+    f.out.shape[3] = dense_fx::D - 1;
+    const std::string w = what_of([&] {
+      headwise::attention_blocked(f.q, f.k, f.v, f.out, f.o, f.lse, headwise::engine::blocking{16, 16});
+    });
+    EXPECT_EQ(w.rfind("headwise::attention_blocked: argument 'out.shape[3] (dim_v)'", 0), 0u) << w;
+  }
+  // diff_attention: lse head counts say where the expected number comes from.
+  {
+    diff_fx f;
+    f.lse_n.shape[1] = diff_fx::HN + 1;
+    const std::string w =
+        what_of([&] { headwise::diff_attention(f.q, f.k, f.v, f.out, f.o, f.lse_s, f.lse_n); });
+    EXPECT_NE(w.find("expected q.shape[2] - out.shape[2] = 2, got 3"), std::string::npos) << w;
+  }
+  // attention_varlen: sink logits compared with the output heads (out.shape[1] there).
+  {
+    varlen_fx f;
+    f.o.sink_logits = tensor_view<const float, 1>(f.sb.data(), {varlen_fx::HQ + 1});
+    const std::string w = what_of(
+        [&] { headwise::attention_varlen(f.q, f.k, f.v, f.cu_q, f.cu_k, f.out, f.o, f.lse); });
+    EXPECT_NE(w.find("expected the output heads = 4, got 5"), std::string::npos) << w;
+  }
+}
+
+TEST(audit, audit_fixed_paged_capacity_saturates) {
+  // One zero-stride page of 2^59 rows and 16 table columns: max_pages_per_sequence·page_size =
+  // 2^63 overflowed (to a negative capacity) and a valid call was rejected. Now it saturates and the call runs: every
+  // key is the same row, so each output row is that row's value.
+  std::vector<float> kp(8, 0.25f), vp(8), q(2 * 8, 0.5f), out(2 * 8, -7.0f);
+  for (std::size_t i = 0; i < vp.size(); ++i) vp[i] = static_cast<float>(i);
+  const std::int64_t huge = std::int64_t{1} << 59;
+  const std::vector<std::int32_t> table(16, 0), lens{3};
+  const headwise::paged_kv<float> kv{tensor_view<const float, 4>(kp.data(), {1, huge, 1, 8}, {0, 0, 8, 1}),
+                                           tensor_view<const float, 4>(vp.data(), {1, huge, 1, 8}, {0, 0, 8, 1}),
+                                           tensor_view<const std::int32_t, 2>(table.data(), {1, 16}),
+                                           tensor_view<const std::int32_t, 1>(lens.data(), {1})};
+  attention_options o;
+  o.causal = causal_mode::bottom_right;
+  ASSERT_NO_THROW(headwise::attention_paged(headwise::bshd<const float>(q.data(), 1, 1, 2, 8), kv,
+                                            headwise::bshd(out.data(), 1, 1, 2, 8), o));
+  for (std::size_t i = 0; i < out.size(); ++i) EXPECT_NEAR(out[i], vp[i % 8], 1e-5) << i;
+}
+
+TEST(audit, audit_fixed_key_lane_splits_bounded) {
+  // A sequence has at most 1024 decode splits, so the partial states of a zero-stride view of
+  // 2^40 keys are bounded (they were 2^29 states); short caches keep split_kv.
+  namespace eng = headwise::engine;
+  eng::blocking blk{};
+  blk.split_kv = 2048;
+  EXPECT_EQ(eng::key_lane_split(blk, 5000), 2048);
+  EXPECT_EQ(eng::key_lane_split(blk, 2048 * 1024), 2048);
+  EXPECT_EQ(eng::key_lane_split(blk, 2048 * 1024 + 1), 2049);
+  EXPECT_EQ(eng::key_lane_split(blk, std::int64_t{1} << 40), std::int64_t{1} << 30);
+  EXPECT_EQ(eng::key_lane_split(blk, std::numeric_limits<std::int64_t>::max()),
+            std::numeric_limits<std::int64_t>::max() / 1024 + 1);
+  blk.split_kv = 0;
+  EXPECT_EQ(eng::key_lane_split(blk, std::int64_t{1} << 40), 0);
+  EXPECT_GE(eng::query_lane_split(blk, 1, 1, std::numeric_limits<std::int64_t>::max()), 0);
+  // Dense calls take at most 2^40 keys: zero-stride views could declare 2^62, where the tile
+  // and split arithmetic would overflow.
+  const std::int64_t too_many = (std::int64_t{1} << 40) + 1;
+  {
+    dense_fx f;
+    f.k.shape[1] = f.v.shape[1] = too_many;
+    f.k.stride[1] = f.v.stride[1] = 0;
+    expect_rejected(
+        f, [&] { headwise::attention(f.q, f.k, f.v, f.out, f.o, f.lse); }, "headwise::attention", "k.shape[1]",
+        false);
+  }
+  {
+    diff_fx f;
+    f.k.shape[1] = f.v.shape[1] = too_many;
+    f.k.stride[1] = f.v.stride[1] = 0;
+    expect_rejected(
+        f, [&] { headwise::diff_attention(f.q, f.k, f.v, f.out, f.o, f.lse_s, f.lse_n); }, "headwise::diff_attention",
+        "k.shape[1]", false);
+  }
+  {
+    mla_fx f;
+    f.latent.shape[1] = too_many;
+    f.latent.stride[1] = 0;
+    expect_rejected(
+        f, [&] { headwise::mla_absorbed(f.q, f.latent, f.out, f.o, f.lse); }, "headwise::mla_absorbed",
+        "latent.shape[1]", false);
+  }
+}
+
+TEST(audit, audit_fixed_model_config_extents_bounded) {
+  // Extents near 2^62 made products wrap (empty weights accepted, then SIGFPE or length_error).
+  constexpr std::int64_t big = std::int64_t{1} << 62;
+  hm::mla_config m = small_mla(0);
+  m.heads = big;
+  EXPECT_TRUE(Rejects([&] { m.validate(); }, "headwise::model::mla_config", "config.heads"));
+  m = small_mla(0);
+  m.qk_nope = std::numeric_limits<std::int64_t>::max();
+  EXPECT_TRUE(Rejects([&] { m.validate(); }, "headwise::model::mla_config", "config.qk_nope"));
+  hm::gqa_config g = small_gqa();
+  g.head_dim = big;
+  EXPECT_TRUE(Rejects([&] { g.validate(); }, "headwise::model::gqa_config", "config.head_dim"));
+  g = small_gqa();
+  g.heads_q = g.heads_kv = big;
+  EXPECT_TRUE(Rejects([&] { g.validate(); }, "headwise::model::gqa_config", "config.heads_q"));
+  EXPECT_TRUE(Rejects([] { (void)hm::rope_frequencies(big, 10000.0, {}, 4096); }, "headwise::model::rope_frequencies",
+                      "rope_dim"));
+  EXPECT_TRUE(Rejects([] { (void)hm::mla_softmax_scale(std::numeric_limits<std::int64_t>::max(), 64, {}, 4096); },
+                      "headwise::model::mla_softmax_scale", "qk_nope"));
+}
+
+TEST(audit, audit_fixed_reference_diff_views) {
+  // The references check their views and optional tensors like the kernels (they indexed them
+  // unchecked: null data, short lse or λ tensors, 0 KV heads for diff_transformer).
+  const std::string rd = "headwise::reference::diff_attention", rt = "headwise::reference::diff_transformer";
+  {
+    diff_fx f;
+    f.q.data = nullptr;
+    EXPECT_TRUE(Rejects([&] { headwise::reference::diff_attention(f.q, f.k, f.v, f.out, f.o); }, rd, "q.data"));
+  }
+  {
+    diff_fx f;
+    f.lse_n.shape[1] = 1;
+    EXPECT_TRUE(Rejects([&] { headwise::reference::diff_attention(f.q, f.k, f.v, f.out, f.o, f.lse_s, f.lse_n); },
+                        rd, "lse_noise.shape[1]"));
+  }
+  {
+    diff_fx f;
+    f.use_tokens();
+    f.o.lambda_tokens.shape[2] = 1;
+    EXPECT_TRUE(Rejects([&] { headwise::reference::diff_attention(f.q, f.k, f.v, f.out, f.o); }, rd,
+                        "options.lambda_tokens.shape[2]"));
+  }
+  {
+    diff_fx f;
+    f.v.shape[2] = 0;
+    f.k.shape[2] = 0;
+    f.out.shape[2] = 2;
+    f.q.shape[2] = 4;
+    EXPECT_TRUE(RejectsAny([&] { headwise::reference::diff_transformer(f.q, f.k, f.v, f.out, 0.5, 0.2, {}); }, rt));
+  }
+  {
+    diff_fx f;
+    f.out.shape[1] = 1;
+    EXPECT_TRUE(
+        Rejects([&] { headwise::reference::diff_transformer(f.q, f.k, f.v, f.out, 0.5, 0.2, {}); }, rt, "out.shape[1]"));
+  }
 }
 
 }  // namespace

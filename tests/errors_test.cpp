@@ -195,6 +195,9 @@ std::vector<bad_case> bad_cases() {
       {"softcap_negative", [](call& c) { c.o.softcap = -1.0f; }, "options.softcap"},
       {"softcap_nan", [nan](call& c) { c.o.softcap = nan; }, "options.softcap"},
       {"softcap_inf", [](call& c) { c.o.softcap = kInf; }, "options.softcap"},
+      // 1/cap would be +inf (0·inf = NaN for a zero logit), cap·log2(e) would be +inf.
+      {"softcap_subnormal", [](call& c) { c.o.softcap = 1e-40f; }, "options.softcap"},
+      {"softcap_huge", [](call& c) { c.o.softcap = 3e38f; }, "options.softcap"},
       {"num_threads", [](call& c) { c.o.num_threads = -1; }, "options.num_threads"},
       // aliasing: outputs may not overlap inputs or each other
       {"out_aliases_q", [](call& c) { c.out.data = c.qb.data(); }, "out", "'q'"},

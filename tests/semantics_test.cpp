@@ -144,6 +144,26 @@ TEST(semantics, bad_value_reaches_rows_that_see_it_and_stays_in_its_tile) {
              "NaN v");
 }
 
+// A row that sees no key gives out = 0 and lse = -inf even when a V row of a tile its block
+// visits is NaN or Inf (its O accumulates 0·NaN, but 1/l = 0 writes exact zeros). Bottom-right
+// causal with sq > skv leaves the first sq - skv rows without keys; prefill-sized blocks
+// (query lanes) and decode-sized ones (key lanes) both.
+TEST(semantics, rows_without_keys_stay_zero_with_nan_values) {
+  for (const auto& [sq, skv] : {std::pair<std::int64_t, std::int64_t>{40, 30}, {3, 1}, {5, 2}}) {
+    for (const float poison : {kNaN, kInf}) {
+      dense bad(sq, skv, 4, 2, 32, 9);
+      for (std::int64_t j = 0; j < skv; j += 7) bad.v_at(j, j % 2, 3) = poison;
+      bad.run(causal());
+      for (std::int64_t i = 0; i < sq - skv; ++i)
+        for (std::int64_t h = 0; h < 4; ++h) {
+          EXPECT_EQ(bad.lse_at(i, h), -kInf) << "sq " << sq << " row " << i;
+          for (std::int64_t c = 0; c < 32; ++c)
+            ASSERT_TRUE(same_bits(bad.out_at(i, h, c), 0.0f)) << "sq " << sq << " row " << i << " head " << h;
+        }
+    }
+  }
+}
+
 // Finite logits near the float limit (scale·q·k about 1e37) give the fp64 result: the online
 // softmax subtracts the running max before exponentiating.
 TEST(semantics, logits_near_float_limits) {

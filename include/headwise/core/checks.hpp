@@ -61,7 +61,8 @@ class checker {
   void no_self_overlap(const tensor_view<T, R>& t, const std::string& name) const {
     if (t.numel() == 0) return;
     std::array<std::pair<std::int64_t, std::int64_t>, R> ax{};  // (|stride|, extent)
-    for (std::size_t i = 0; i < R; ++i) ax[i] = {t.stride[i] < 0 ? -t.stride[i] : t.stride[i], t.shape[i]};
+    for (std::size_t i = 0; i < R; ++i)  // extent-1 axes never step (their stride may be INT64_MIN)
+      ax[i] = {t.shape[i] == 1 ? 0 : t.stride[i] < 0 ? -t.stride[i] : t.stride[i], t.shape[i]};
     std::sort(ax.begin(), ax.end());
     std::int64_t span = 1;  // elements covered by the inner axes
     for (auto [s, n] : ax) {

@@ -44,7 +44,8 @@ struct attention_options {
   /// denominator, in the scaled logit domain, with no value row. Shape [heads_out]. Absent by
   /// default. -inf means no sink for that head.
   tensor_view<const float, 1> sink_logits{};
-  /// Logit softcap: s <- softcap * tanh(s / softcap) after scaling. 0 = off.
+  /// Logit softcap: s <- softcap * tanh(s / softcap) after scaling. 0 = off; otherwise a value
+  /// in [FLT_MIN, 1e38] (subnormal caps would make 1/softcap infinite).
   float softcap = 0.0f;
   /// Head map between query heads and KV heads (see head_map).
   head_map heads = head_map::interleave;

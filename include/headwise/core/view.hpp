@@ -5,6 +5,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace headwise {
@@ -60,12 +61,15 @@ struct tensor_view {
       if (shape[i] == 0) return 0;
     }
     for (std::size_t i = 0; i < R; ++i) {
-      std::int64_t e = 0;
-      const std::int64_t s = stride[i] < 0 ? -stride[i] : stride[i];
+      std::int64_t e = 0, end = 0;
+      // |stride| only matters for extents >= 2, where INT64_MIN (no positive twin) overflows anyway.
+      if (shape[i] > 1 && stride[i] == std::numeric_limits<std::int64_t>::min()) return -1;
+      const std::int64_t s = shape[i] == 1 ? 0 : stride[i] < 0 ? -stride[i] : stride[i];
       if (__builtin_mul_overflow(n, shape[i], &n)) return -1;
       if (__builtin_mul_overflow(shape[i] - 1, s, &e)) return -1;
       if (__builtin_add_overflow(reach, e, &reach)) return -1;
-      if (__builtin_mul_overflow(reach + 1, static_cast<std::int64_t>(sizeof(T)), &e)) return -1;
+      if (__builtin_add_overflow(reach, std::int64_t{1}, &end)) return -1;
+      if (__builtin_mul_overflow(end, static_cast<std::int64_t>(sizeof(T)), &e)) return -1;
     }
     return n;
   }

@@ -190,8 +190,14 @@ struct query_lanes {
   void pv(std::int64_t n) {
     tile::pv_tile<Arch>(ws.o_buf.data(), ld, ws.alpha.data(), v_rows, ld_v, ws.s_buf.data(), ld, dv, n, nvec);
   }
+  /// Row r of O times scale (1/l); scale 0 (no visible key) writes exact zeros, whatever O
+  /// holds (0·NaN from a non-finite V row of a tile the lane saw no key of).
   void out_row(std::int64_t r, float* dst, float scale) const {
     const float* o = ws.o_buf.data();
+    if (scale == 0.0f) {
+      for (std::int64_t c = 0; c < dv; ++c) dst[c] = 0.0f;
+      return;
+    }
     for (std::int64_t c = 0; c < dv; ++c) dst[c] = o[c * ld + r] * scale;
   }
 };
@@ -275,8 +281,13 @@ struct key_lanes {
     tile::pv_tile_rows<Arch>(ws.o_buf.data() + seg * dv_pad, dv_pad, ws.alpha.data() + seg, v_rows, ld_v,
                              ws.s_buf.data(), ld_kt, rows, dv_pad / w, n);
   }
+  /// As query_lanes::out_row: scale 0 writes exact zeros.
   void out_row(std::int64_t r, float* dst, float scale) const {
     const float* o = ws.o_buf.data() + r * dv_pad;
+    if (scale == 0.0f) {
+      for (std::int64_t c = 0; c < dv; ++c) dst[c] = 0.0f;
+      return;
+    }
     for (std::int64_t c = 0; c < dv; ++c) dst[c] = o[c] * scale;
   }
 };

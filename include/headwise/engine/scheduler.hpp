@@ -70,7 +70,16 @@ inline std::int64_t query_lane_split(const blocking& blk, std::int64_t rows, std
   const std::int64_t bk = std::max<std::int64_t>(1, blk.block_kv);
   std::int64_t keys = split_kv * decode_work_per_key / std::max<std::int64_t>(1, rows * dims);
   keys = std::clamp<std::int64_t>(keys / bk * bk, std::min<std::int64_t>(256, split_kv), split_kv);
-  return std::max(keys, (seq_kv + max_splits - 1) / max_splits);
+  return std::max(keys, seq_kv / max_splits + (seq_kv % max_splits != 0));
+}
+
+/// Keys per split of a key-lane (decode) item: split_kv, raised so that a sequence has at most
+/// 1024 splits. Real caches never reach the cap before 2M keys (their partial states stay far
+/// below the cache); zero-stride views of 2^40 keys would otherwise allocate 2^29 partial states.
+inline std::int64_t key_lane_split(const blocking& blk, std::int64_t seq_kv) noexcept {
+  if (blk.split_kv <= 0) return 0;
+  constexpr std::int64_t max_splits = 1024;
+  return std::max(blk.split_kv, seq_kv / max_splits + (seq_kv % max_splits != 0));
 }
 
 struct work_item {
@@ -113,8 +122,8 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
     const std::int64_t nqb = (sq + bq - 1) / bq;
     // Items that hold all of a sequence's query rows (decode, absorbed MLA with many heads,
     // short chunks) are cut along the keys too, so that one sequence can use every thread.
-    const std::int64_t split = keys ? blk.split_kv : query_lane_split(blk, std::min(bq, sq) * g, pb.dim_qk + dv, skv);
-    const std::int64_t nsplit = (keys || nqb == 1) && split > 0 && skv > split ? (skv + split - 1) / split : 1;
+    const std::int64_t split = keys ? key_lane_split(blk, skv) : query_lane_split(blk, std::min(bq, sq) * g, pb.dim_qk + dv, skv);
+    const std::int64_t nsplit = (keys || nqb == 1) && split > 0 && skv > split ? skv / split + (skv % split != 0) : 1;
     if (keys) {
       rows_k = std::max(rows_k, std::min(bq, sq) * g);
     } else {
@@ -132,7 +141,7 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
         const std::int64_t rows = nh * (p1 - p0) * g;
         groups.push_back({b, hk, nh, p0, p1, partial_floats, nsplit, rows});
         for (std::int64_t s = 0; s < nsplit; ++s) {
-          items.push_back({b, hk, p0, p1, s * split, std::min(skv, (s + 1) * split), partial_floats,
+          items.push_back({b, hk, p0, p1, s * split, s + 1 < nsplit ? (s + 1) * split : skv, partial_floats,
                            s == 0, keys});
           partial_floats += rows * (dv + 1);
         }

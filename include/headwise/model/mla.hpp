@@ -82,14 +82,18 @@ struct mla_config {
   void validate() const {
     const detail::checker c("headwise::model::mla_config");
     using detail::to_text;
-    c.require(heads >= 1, "config.heads", ">= 1", to_text(heads));
-    c.require(d_model >= 1, "config.d_model", ">= 1", to_text(d_model));
-    c.require(q_lora_rank >= 0, "config.q_lora_rank", ">= 0 (0 = no query compression)", to_text(q_lora_rank));
-    c.require(kv_lora_rank >= 1, "config.kv_lora_rank", ">= 1", to_text(kv_lora_rank));
-    c.require(qk_nope >= 0, "config.qk_nope", ">= 0", to_text(qk_nope));
-    c.require(qk_rope >= 0 && qk_rope % 2 == 0, "config.qk_rope", "an even value >= 0", to_text(qk_rope));
+    // Every extent at most 2^20, so that products of two of them (weight shapes) fit easily.
+    constexpr std::int64_t mx = std::int64_t{1} << 20;
+    c.require(heads >= 1 && heads <= mx, "config.heads", "1..2^20", to_text(heads));
+    c.require(d_model >= 1 && d_model <= mx, "config.d_model", "1..2^20", to_text(d_model));
+    c.require(q_lora_rank >= 0 && q_lora_rank <= mx, "config.q_lora_rank", "0..2^20 (0 = no query compression)",
+              to_text(q_lora_rank));
+    c.require(kv_lora_rank >= 1 && kv_lora_rank <= mx, "config.kv_lora_rank", "1..2^20", to_text(kv_lora_rank));
+    c.require(qk_nope >= 0 && qk_nope <= mx, "config.qk_nope", "0..2^20", to_text(qk_nope));
+    c.require(qk_rope >= 0 && qk_rope <= mx && qk_rope % 2 == 0, "config.qk_rope", "an even value in 0..2^20",
+              to_text(qk_rope));
     c.require(qk_nope + qk_rope >= 1, "config.qk_nope + config.qk_rope", ">= 1", to_text(qk_nope + qk_rope));
-    c.require(v_head >= 1, "config.v_head", ">= 1", to_text(v_head));
+    c.require(v_head >= 1 && v_head <= mx, "config.v_head", "1..2^20", to_text(v_head));
     if (qk_rope == 0) {
       c.require(rope_block == 0, "config.rope_block", "0 when qk_rope = 0", to_text(rope_block));
     } else {

@@ -119,7 +119,8 @@ inline double yarn_mscale(double factor, double mscale) {
 inline std::vector<double> rope_frequencies(std::int64_t rope_dim, double theta, const yarn_config& yarn,
                                             std::int64_t max_seq_len) {
   const detail::checker c("headwise::model::rope_frequencies");
-  c.require(rope_dim >= 0 && rope_dim % 2 == 0, "rope_dim", "an even value >= 0", detail::to_text(rope_dim));
+  c.require(rope_dim >= 0 && rope_dim <= (std::int64_t{1} << 20) && rope_dim % 2 == 0, "rope_dim",
+            "an even value in 0..2^20", detail::to_text(rope_dim));
   c.require(std::isfinite(theta) && theta > 1.0, "theta", "a finite value > 1", detail::to_text(theta));
   detail::check_yarn(c, yarn, "yarn");
   c.require(max_seq_len >= 1, "max_seq_len", ">= 1", detail::to_text(max_seq_len));
@@ -186,8 +187,8 @@ inline void apply_rope_blocks(float* x, std::int64_t blocks, std::int64_t dim, s
 inline float mla_softmax_scale(std::int64_t qk_nope, std::int64_t qk_rope, const yarn_config& yarn,
                                std::int64_t max_seq_len) {
   const detail::checker c("headwise::model::mla_softmax_scale");
-  c.require(qk_nope >= 0, "qk_nope", ">= 0", detail::to_text(qk_nope));
-  c.require(qk_rope >= 0, "qk_rope", ">= 0", detail::to_text(qk_rope));
+  c.require(qk_nope >= 0 && qk_nope <= (std::int64_t{1} << 40), "qk_nope", "0..2^40", detail::to_text(qk_nope));
+  c.require(qk_rope >= 0 && qk_rope <= (std::int64_t{1} << 40), "qk_rope", "0..2^40", detail::to_text(qk_rope));
   c.require(qk_nope + qk_rope >= 1, "qk_nope + qk_rope", ">= 1", detail::to_text(qk_nope + qk_rope));
   detail::check_yarn(c, yarn, "yarn");
   c.require(max_seq_len >= 1, "max_seq_len", ">= 1", detail::to_text(max_seq_len));

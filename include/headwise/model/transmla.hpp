@@ -55,12 +55,14 @@ struct gqa_config {
   void validate() const {
     const detail::checker c("headwise::model::gqa_config");
     using detail::to_text;
-    c.require(heads_q >= 1, "config.heads_q", ">= 1", to_text(heads_q));
+    // Every extent at most 2^20, so that products of two of them (weight shapes) fit easily.
+    constexpr std::int64_t mx = std::int64_t{1} << 20;
+    c.require(heads_q >= 1 && heads_q <= mx, "config.heads_q", "1..2^20", to_text(heads_q));
     c.require(heads_kv >= 1 && heads_q % heads_kv == 0, "config.heads_kv",
               "a divisor of heads_q = " + to_text(heads_q), to_text(heads_kv));
-    c.require(head_dim >= 1 && (!rope || head_dim % 2 == 0), "config.head_dim",
-              rope ? "an even value >= 2 (RoPE)" : ">= 1", to_text(head_dim));
-    c.require(d_model >= 1, "config.d_model", ">= 1", to_text(d_model));
+    c.require(head_dim >= 1 && head_dim <= mx && (!rope || head_dim % 2 == 0), "config.head_dim",
+              rope ? "an even value in 2..2^20 (RoPE)" : "1..2^20", to_text(head_dim));
+    c.require(d_model >= 1 && d_model <= mx, "config.d_model", "1..2^20", to_text(d_model));
     c.require(!rope || (std::isfinite(rope_theta) && rope_theta > 1.0), "config.rope_theta", "a finite value > 1",
               to_text(rope_theta));
     detail::check_pairing(c, pairing, "config.pairing");

@@ -98,6 +98,34 @@ inline double resolve_scale(const attention_options& o, std::int64_t d) {
   return o.scale ? static_cast<double>(*o.scale) : 1.0 / std::sqrt(static_cast<double>(d));
 }
 
+/// A view of exactly `want` (view checks V1-V4, then each extent), or absent when `optional`.
+template <class T, std::size_t R>
+void check_exact(const detail::checker& c, const tensor_view<T, R>& t, const std::string& name,
+                 const std::array<std::int64_t, R>& want, bool optional) {
+  if (optional && t.absent()) return;
+  std::array<std::int64_t, R> lo{};
+  std::array<const char*, R> axes{};
+  for (std::size_t i = 0; i < R; ++i) axes[i] = "axis";
+  c.view(t, name, lo, axes);
+  for (std::size_t i = 0; i < R; ++i)
+    c.equal(t.shape[i], want[i], name + ".shape[" + std::to_string(i) + "]", "the reference's shape");
+}
+
+/// q, k, v, out of a differential reference: views with the same batch, seq_kv and dims.
+template <class KT, class VT>
+void check_qkvo(const detail::checker& c, tensor_view<const float, 4> q, tensor_view<KT, 4> k,
+                tensor_view<VT, 4> v, tensor_view<float, 4> out) {
+  c.view(q, "q", {1, 0, 1, 1}, {"batch", "seq_q", "heads", "d"});
+  c.view(k, "k", {1, 0, 1, 1}, {"batch", "seq_kv", "heads", "d"});
+  c.view(v, "v", {1, 0, 1, 1}, {"batch", "seq_kv", "heads", "dim_v"});
+  c.view(out, "out", {1, 0, 0, 1}, {"batch", "seq_q", "heads", "dim_v"});
+  c.equal(k.shape[0], q.shape[0], "k.shape[0]", "q.shape[0]");
+  c.equal(v.shape[0], q.shape[0], "v.shape[0]", "q.shape[0]");
+  c.equal(out.shape[0], q.shape[0], "out.shape[0]", "q.shape[0]");
+  c.equal(out.shape[1], q.shape[1], "out.shape[1]", "q.shape[1]");
+  c.equal(v.shape[1], k.shape[1], "v.shape[1]", "k.shape[1]");
+}
+
 }  // namespace diff_detail
 
 /// Reference for headwise::diff_attention (same arguments and layouts):
@@ -114,6 +142,7 @@ void diff_attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_
                     tensor_view<float, 4> out, const diff_options& opt, tensor_view<float, 3> lse_signal = {},
                     tensor_view<float, 3> lse_noise = {}, tensor_view<float, 4> pre_norm = {}) {
   const detail::checker c("headwise::reference::diff_attention");
+  diff_detail::check_qkvo(c, q, k, v, out);
   const std::int64_t batch = q.shape[0], seq_q = q.shape[1], d = q.shape[3], dv = v.shape[3];
   const std::int64_t hs = out.shape[2], hn = q.shape[2] - hs, pairs = v.shape[2];
   c.require(hn >= 1 && pairs >= 1 && hs % hn == 0 && hn % pairs == 0 && hs % pairs == 0, "q.shape[2], out.shape[2], v.shape[2]",
@@ -125,6 +154,11 @@ void diff_attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_
   c.require(opt.lambda.has_value() != !opt.lambda_tokens.absent(), "options.lambda", "exactly one λ", "");
   const bool rms = opt.norm == diff_norm::rms;
   c.require(!rms || opt.lambda_init.has_value(), "options.lambda_init", "a value with diff_norm::rms", "none");
+  diff_detail::check_exact(c, opt.lambda_tokens, "options.lambda_tokens", {batch, seq_q, hs}, true);
+  diff_detail::check_exact(c, opt.norm_weight, "options.norm_weight", {dv}, true);
+  diff_detail::check_exact(c, lse_signal, "lse_signal", {batch, hs, seq_q}, true);
+  diff_detail::check_exact(c, lse_noise, "lse_noise", {batch, hn, seq_q}, true);
+  diff_detail::check_exact(c, pre_norm, "pre_norm", {batch, seq_q, hs, dv}, true);
 
   const std::int64_t G = hs / hn, r1 = hs / pairs, r2 = hn / pairs;
   const double scale = diff_detail::resolve_scale(opt, d);
@@ -173,10 +207,15 @@ void diff_transformer(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tenso
                       tensor_view<float, 4> out, double lambda, double lambda_init, const attention_options& mask,
                       tensor_view<const float, 1> weight = {}, double eps = 1e-5) {
   const detail::checker c("headwise::reference::diff_transformer");
+  diff_detail::check_qkvo(c, q, k, v, out);
   const std::int64_t batch = q.shape[0], seq_q = q.shape[1], d = q.shape[3], dv = v.shape[3];
   const std::int64_t h = q.shape[2] / 2, h_kv = v.shape[2];
-  c.require(q.shape[2] == 2 * h && out.shape[2] == h && k.shape[2] == 2 * h_kv && h % h_kv == 0, "q.shape[2]",
+  c.require(h_kv >= 1 && q.shape[2] == 2 * h && out.shape[2] == h && k.shape[2] == 2 * h_kv && h % h_kv == 0,
+            "q.shape[2]",
             "2h query half-heads, h outputs, 2h_kv keys, h_kv | h", std::to_string(q.shape[2]));
+  c.equal(k.shape[3], d, "k.shape[3]", "q.shape[3]");
+  c.equal(out.shape[3], dv, "out.shape[3]", "v.shape[3]");
+  diff_detail::check_exact(c, weight, "weight", {dv}, true);
   const std::int64_t n_rep = h / h_kv, seq_kv = k.shape[1];
   const double scale = diff_detail::resolve_scale(mask, d);
   std::vector<double> a1, a2, hrow(static_cast<std::size_t>(dv));

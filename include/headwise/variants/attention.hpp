@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -35,11 +36,20 @@ inline engine::head_mapper check_heads(const checker& c, const attention_options
   return engine::head_mapper::make(opt.heads, heads_q, heads_kv);
 }
 
+/// The longest key sequence a dense call accepts: 2^40 keys (no cache is near it; zero-stride
+/// views could declare up to 2^62, and tile and split arithmetic would then overflow).
+inline constexpr std::int64_t max_seq_kv = std::int64_t{1} << 40;
+
+/// The largest logit softcap: cap·log2(e) must stay finite in the tile (FLT_MAX / log2(e) ≈ 2.36e38).
+inline constexpr float max_softcap = 1e38f;
+
 /// Checks the options that do not depend on the tensors' layout.
 inline void check_options(const checker& c, const attention_options& opt, std::int64_t heads_out) {
   if (opt.scale) c.require(std::isfinite(*opt.scale), "options.scale", "a finite value", to_text(*opt.scale));
-  c.require(std::isfinite(opt.softcap) && opt.softcap >= 0.0f, "options.softcap", "a finite value >= 0 (0 = off)",
-            to_text(opt.softcap));
+  // 0 = off; else a normal float whose reciprocal and cap·log2(e) (the tile's factors) are finite.
+  c.require(opt.softcap == 0.0f ||
+                (opt.softcap >= std::numeric_limits<float>::min() && opt.softcap <= max_softcap),
+            "options.softcap", "0 (off) or a value in [1.17549435e-38, 1e38]", to_text(opt.softcap));
   c.require(opt.window_left >= -1, "options.window_left", ">= -1 (-1 = unbounded)", to_text(opt.window_left));
   c.require(opt.window_right >= -1, "options.window_right", ">= -1 (-1 = unbounded)", to_text(opt.window_right));
   c.require(opt.causal == causal_mode::none || opt.window_right <= 0, "options.window_right",
@@ -51,7 +61,7 @@ inline void check_options(const checker& c, const attention_options& opt, std::i
             "options.causal", "none, bottom_right or top_left", to_text(static_cast<int>(opt.causal)));
   if (!opt.sink_logits.absent()) {
     c.view(opt.sink_logits, "options.sink_logits", {1}, {"heads_out"});
-    c.equal(opt.sink_logits.shape[0], heads_out, "options.sink_logits.shape[0] (heads_out)", "out.shape[2]");
+    c.equal(opt.sink_logits.shape[0], heads_out, "options.sink_logits.shape[0] (heads_out)", "the output heads");
     for (std::int64_t h = 0; h < heads_out; ++h) {
       const float s = opt.sink_logits(h);
       c.require(!std::isnan(s) && s != INFINITY, "options.sink_logits[" + to_text(h) + "]",
@@ -108,6 +118,7 @@ engine::problem<engine::dense_q, engine::dense_kv<KV>> check_attention(
   c.equal(v.shape[0], batch, "v.shape[0] (batch)", "q.shape[0]");
   c.equal(out.shape[0], batch, "out.shape[0] (batch)", "q.shape[0]");
   c.equal(k.shape[3], dim_qk, "k.shape[3] (dim_qk)", "q.shape[3]");
+  c.require(seq_kv <= max_seq_kv, "k.shape[1] (seq_kv)", "<= 2^40 keys", to_text(seq_kv));
   c.equal(v.shape[1], seq_kv, "v.shape[1] (seq_kv)", "k.shape[1]");
   c.equal(v.shape[2], heads_kv, "v.shape[2] (heads_kv)", "k.shape[2]");
   c.equal(out.shape[1], seq_q, "out.shape[1] (seq_q)", "q.shape[1]");
@@ -198,9 +209,8 @@ void attention_blocked(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tens
                        tensor_view<float, 4> out, const attention_options& options, tensor_view<float, 3> lse,
                        const engine::blocking& blk) {
   using KV = detail::kv_storage_t<KT>;
-  const detail::checker c("headwise::attention");
-  detail::checker("headwise::attention_blocked")
-      .require(blk.rows >= 1 && blk.block_kv >= 1 && blk.decode_block_kv >= 1 && blk.split_kv >= 0 &&
+  const detail::checker c("headwise::attention_blocked");
+  c.require(blk.rows >= 1 && blk.block_kv >= 1 && blk.decode_block_kv >= 1 && blk.split_kv >= 0 &&
                    blk.prefetch_bytes >= 0,
                "blk",
                "rows, block_kv, decode_block_kv >= 1 and split_kv, prefetch_bytes >= 0",

@@ -130,6 +130,7 @@ std::pair<engine::problem<diff_q, engine::pair_kv<KV>>, diff_heads> check_diff(
   c.equal(out.shape[0], batch, "out.shape[0] (batch)", "q.shape[0]");
   c.equal(out.shape[1], seq_q, "out.shape[1] (seq_q)", "q.shape[1]");
   c.equal(k.shape[3], d, "k.shape[3] (d)", "q.shape[3]");
+  c.require(k.shape[1] <= max_seq_kv, "k.shape[1] (seq_kv)", "<= 2^40 keys", to_text(k.shape[1]));
   c.equal(v.shape[1], k.shape[1], "v.shape[1] (seq_kv)", "k.shape[1]");
   c.equal(out.shape[3], dv, "out.shape[3] (dim_v)", "v.shape[3]");
   c.require(h.noise >= 1, "out.shape[2] (heads_signal)",
@@ -190,16 +191,17 @@ std::pair<engine::problem<diff_q, engine::pair_kv<KV>>, diff_heads> check_diff(
               opt.lambda_init ? to_text(*opt.lambda_init) : "none");
     c.require(opt.norm_weight.absent(), "options.norm_weight", "absent with diff_norm::none", "a view");
   }
-  auto check_lse = [&](const tensor_view<float, 3>& l, const char* name, std::int64_t heads, const char* what) {
+  auto check_lse = [&](const tensor_view<float, 3>& l, const char* name, std::int64_t heads, const char* what,
+                       const char* from) {
     if (l.absent()) return;
     const std::string n = name;
     c.view(l, n, {1, 1, 0}, {"batch", what, "seq_q"});
     c.equal(l.shape[0], batch, n + ".shape[0] (batch)", "q.shape[0]");
-    c.equal(l.shape[1], heads, n + ".shape[1] (" + what + ")", to_text(heads));
+    c.equal(l.shape[1], heads, n + ".shape[1] (" + what + ")", from);
     c.equal(l.shape[2], seq_q, n + ".shape[2] (seq_q)", "q.shape[1]");
   };
-  check_lse(lse_signal, "lse_signal", h.signal, "heads_signal");
-  check_lse(lse_noise, "lse_noise", h.noise, "heads_noise");
+  check_lse(lse_signal, "lse_signal", h.signal, "heads_signal", "out.shape[2]");
+  check_lse(lse_noise, "lse_noise", h.noise, "heads_noise", "q.shape[2] - out.shape[2]");
   using in_q = std::pair<const char*, tensor_view<const float, 4>>;
   using in_kv = std::pair<const char*, tensor_view<const KV, 4>>;
   check_outputs(c, out, tensor_view<float, 3>{}, opt, in_q{"q", q}, in_kv{"k", k}, in_kv{"v", v});

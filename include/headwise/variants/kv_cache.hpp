@@ -39,27 +39,31 @@ inline void check_cu_seqlens(const checker& c, tensor_view<const std::int32_t, 1
 /// uses, sequence lengths within the pages the block table can address. Returns (heads_kv, dim_v).
 template <class T>
 std::pair<std::int64_t, std::int64_t> check_paged(const checker& c, const paged_kv<T>& kv, std::int64_t batch,
-                                                  std::int64_t dim_qk) {
+                                                  std::int64_t dim_qk, const std::string& pre = "kv.",
+                                                  const std::string& dim_from = "q's dim_qk") {
   static_assert(is_kv_dtype_v<T>, "headwise: K/V storage must be float, headwise::bf16 or headwise::f16");
-  c.view(kv.k_pages, "kv.k_pages", {1, 1, 1, 1}, {"num_pages", "page_size", "heads_kv", "dim_qk"});
-  c.view(kv.v_pages, "kv.v_pages", {1, 1, 1, 1}, {"num_pages", "page_size", "heads_kv", "dim_v"});
+  c.view(kv.k_pages, pre + "k_pages", {1, 1, 1, 1}, {"num_pages", "page_size", "heads_kv", "dim_qk"});
+  c.view(kv.v_pages, pre + "v_pages", {1, 1, 1, 1}, {"num_pages", "page_size", "heads_kv", "dim_v"});
   const std::int64_t pages = kv.k_pages.shape[0], page_size = kv.k_pages.shape[1];
-  c.equal(kv.v_pages.shape[0], pages, "kv.v_pages.shape[0] (num_pages)", "kv.k_pages.shape[0]");
-  c.equal(kv.v_pages.shape[1], page_size, "kv.v_pages.shape[1] (page_size)", "kv.k_pages.shape[1]");
-  c.equal(kv.v_pages.shape[2], kv.k_pages.shape[2], "kv.v_pages.shape[2] (heads_kv)", "kv.k_pages.shape[2]");
-  c.equal(kv.k_pages.shape[3], dim_qk, "kv.k_pages.shape[3] (dim_qk)", "q's dim_qk");
-  c.view(kv.block_table, "kv.block_table", {batch, 0}, {"batch", "max_pages_per_sequence"});
-  c.equal(kv.block_table.shape[0], batch, "kv.block_table.shape[0] (batch)", "the batch size");
-  c.view(kv.seqlens, "kv.seqlens", {batch}, {"batch"});
-  c.equal(kv.seqlens.shape[0], batch, "kv.seqlens.shape[0] (batch)", "the batch size");
-  const std::int64_t capacity = kv.block_table.shape[1] * page_size;
+  c.equal(kv.v_pages.shape[0], pages, pre + "v_pages.shape[0] (num_pages)", pre + "k_pages.shape[0]");
+  c.equal(kv.v_pages.shape[1], page_size, pre + "v_pages.shape[1] (page_size)", pre + "k_pages.shape[1]");
+  c.equal(kv.v_pages.shape[2], kv.k_pages.shape[2], pre + "v_pages.shape[2] (heads_kv)", pre + "k_pages.shape[2]");
+  c.equal(kv.k_pages.shape[3], dim_qk, pre + "k_pages.shape[3] (dim_qk)", dim_from);
+  c.view(kv.block_table, pre + "block_table", {batch, 0}, {"batch", "max_pages_per_sequence"});
+  c.equal(kv.block_table.shape[0], batch, pre + "block_table.shape[0] (batch)", "the batch size");
+  c.view(kv.seqlens, pre + "seqlens", {batch}, {"batch"});
+  c.equal(kv.seqlens.shape[0], batch, pre + "seqlens.shape[0] (batch)", "the batch size");
+  // max_pages_per_sequence·page_size saturates (zero-stride pages may declare huge page sizes).
+  const std::int64_t capacity = kv.block_table.shape[1] > std::numeric_limits<std::int64_t>::max() / page_size
+                                    ? std::numeric_limits<std::int64_t>::max()
+                                    : kv.block_table.shape[1] * page_size;
   for (std::int64_t b = 0; b < batch; ++b) {
     const std::int64_t len = kv.seqlens(b);
-    c.require(len >= 0 && len <= capacity, "kv.seqlens[" + to_text(b) + "]",
+    c.require(len >= 0 && len <= capacity, pre + "seqlens[" + to_text(b) + "]",
               "0..max_pages_per_sequence * page_size = " + to_text(capacity), to_text(len));
-    for (std::int64_t p = 0; p < (len + page_size - 1) / page_size; ++p) {
+    for (std::int64_t p = 0; p < len / page_size + (len % page_size != 0); ++p) {  // no overflow
       const std::int64_t e = kv.block_table(b, p);
-      c.require(e >= 0 && e < pages, "kv.block_table[" + to_text(b) + "][" + to_text(p) + "]",
+      c.require(e >= 0 && e < pages, pre + "block_table[" + to_text(b) + "][" + to_text(p) + "]",
                 "a page index in [0, " + to_text(pages) + ")", to_text(e));
     }
   }
@@ -129,16 +133,17 @@ namespace detail {
 /// attention_paged() with the caller's checker (its function name in the messages).
 template <class T>
 void attention_paged_checked(const checker& c, tensor_view<const float, 4> q, const paged_kv<T>& kv,
-                             tensor_view<float, 4> out, const attention_options& options, tensor_view<float, 3> lse) {
+                             tensor_view<float, 4> out, const attention_options& options, tensor_view<float, 3> lse,
+                             const std::string& pre = "kv.") {
   c.view(q, "q", {1, 0, 1, 1}, {"batch", "seq_q", "heads_q", "dim_qk"});
   c.view(out, "out", {1, 0, 1, 1}, {"batch", "seq_q", "heads_out", "dim_v"});
   const std::int64_t batch = q.shape[0];
-  const auto [heads_kv, dim_v] = detail::check_paged(c, kv, batch, q.shape[3]);
-  const auto heads = detail::check_heads(c, options, q.shape[2], heads_kv, "kv.k_pages.shape[2] (heads_kv)");
+  const auto [heads_kv, dim_v] = detail::check_paged(c, kv, batch, q.shape[3], pre);
+  const auto heads = detail::check_heads(c, options, q.shape[2], heads_kv, pre + "k_pages.shape[2] (heads_kv)");
   c.equal(out.shape[0], batch, "out.shape[0] (batch)", "q.shape[0]");
   c.equal(out.shape[1], q.shape[1], "out.shape[1] (seq_q)", "q.shape[1]");
   c.equal(out.shape[2], heads.heads_out, "out.shape[2] (heads_out)", "the head map's output heads");
-  c.equal(out.shape[3], dim_v, "out.shape[3] (dim_v)", "kv.v_pages.shape[3]");
+  c.equal(out.shape[3], dim_v, "out.shape[3] (dim_v)", pre + "v_pages.shape[3]");
   if (!lse.absent()) {
     c.view(lse, "lse", {1, 1, 0}, {"batch", "heads_out", "seq_q"});
     c.equal(lse.shape[0], batch, "lse.shape[0] (batch)", "q.shape[0]");
@@ -146,11 +151,12 @@ void attention_paged_checked(const checker& c, tensor_view<const float, 4> q, co
     c.equal(lse.shape[2], q.shape[1], "lse.shape[2] (seq_q)", "q.shape[1]");
   }
   detail::check_options(c, options, heads.heads_out);
+  const std::string kp = pre + "k_pages", vp = pre + "v_pages", bt = pre + "block_table", sl = pre + "seqlens";
   detail::check_outputs(c, out, lse, options, std::pair<const char*, decltype(q)>{"q", q},
-                        std::pair<const char*, decltype(kv.k_pages)>{"kv.k_pages", kv.k_pages},
-                        std::pair<const char*, decltype(kv.v_pages)>{"kv.v_pages", kv.v_pages},
-                        std::pair<const char*, decltype(kv.block_table)>{"kv.block_table", kv.block_table},
-                        std::pair<const char*, decltype(kv.seqlens)>{"kv.seqlens", kv.seqlens});
+                        std::pair<const char*, decltype(kv.k_pages)>{kp.c_str(), kv.k_pages},
+                        std::pair<const char*, decltype(kv.v_pages)>{vp.c_str(), kv.v_pages},
+                        std::pair<const char*, decltype(kv.block_table)>{bt.c_str(), kv.block_table},
+                        std::pair<const char*, decltype(kv.seqlens)>{sl.c_str(), kv.seqlens});
   engine::problem<engine::dense_q, engine::paged_kv_source<T>> pb;
   pb.qs = engine::dense_q{q, out, lse};
   pb.ks = engine::paged_kv_source<T>{kv.k_pages, kv.v_pages, kv.block_table, kv.seqlens};
@@ -310,7 +316,7 @@ void paged_kv_append(tensor_view<T, 4> k_pages, tensor_view<T, 4> v_pages,
   c.view(seqlens, "seqlens", {batch}, {"batch"});
   c.equal(seqlens.shape[0], batch, "seqlens.shape[0] (batch)", "k_new.shape[0]");
   // The cache as it is (shapes, block table, current lengths), then room for the new tokens.
-  (void)detail::check_paged(c, kv, batch, k_new.shape[3]);
+  (void)detail::check_paged(c, kv, batch, k_new.shape[3], "", "k_new.shape[3]");
   const std::int64_t page_size = k_pages.shape[1];
   const std::int64_t capacity = block_table.shape[1] > std::numeric_limits<std::int64_t>::max() / page_size
                                     ? std::numeric_limits<std::int64_t>::max()
@@ -322,7 +328,7 @@ void paged_kv_append(tensor_view<T, 4> k_pages, tensor_view<T, 4> v_pages,
               "room for " + std::to_string(n) + " more tokens in " + std::to_string(block_table.shape[1]) +
                   " pages of " + std::to_string(page_size),
               std::to_string(seqlens(b)));
-    for (std::int64_t p = 0; p < (end + page_size - 1) / page_size; ++p) {
+    for (std::int64_t p = 0; p < end / page_size + (end % page_size != 0); ++p) {
       const std::int64_t e = block_table(b, p);
       c.require(e >= 0 && e < k_pages.shape[0], "block_table[" + std::to_string(b) + "][" + std::to_string(p) + "]",
                 "a page index in [0, " + std::to_string(k_pages.shape[0]) + ")", std::to_string(e));

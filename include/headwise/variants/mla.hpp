@@ -81,6 +81,13 @@ void mla_absorbed(tensor_view<const float, 4> q, tensor_view<T, 3> latent, tenso
   const auto [k, v] = detail::check_mla_call<KV>(c, q, lat, "latent", {1, 0, 1}, {"batch", "seq_kv", "d_c + d_rope"},
                                                  out, options);
   c.equal(lat.shape[0], q.shape[0], "latent.shape[0] (batch)", "q.shape[0]");
+  c.require(lat.shape[1] <= detail::max_seq_kv, "latent.shape[1] (seq_kv)", "<= 2^40 keys", detail::to_text(lat.shape[1]));
+  // Outputs against the latent under its own name (check_attention sees it as k and v).
+  c.no_alias(out, "out", lat, "latent");
+  if (!lse.absent()) {
+    c.view(lse, "lse", {1, 1, 0}, {"batch", "heads_out", "seq_q"});
+    c.no_alias(lse, "lse", lat, "latent");
+  }
   // The rest (heads, LSE, options, aliasing) as for any MQA call, the latent named k/v.
   const auto pb = detail::check_attention<KV>(c, q, k, v, out, options, lse);
   detail::run_attention<tile::default_arch>(pb, options, default_blocking());
@@ -101,12 +108,15 @@ void mla_absorbed_paged(tensor_view<const float, 4> q, tensor_view<T, 3> latent_
   const tensor_view<const KV, 3> lat(latent_pages);
   const auto [k, v] = detail::check_mla_call<KV>(c, q, lat, "latent_pages", {1, 1, 1},
                                                  {"num_pages", "page_size", "d_c + d_rope"}, out, options);
-  // Outputs against the latent under its own name (the paged checks below call it kv.*_pages).
+  // Outputs against the latent under its own name (the paged checks below see it as k/v_pages).
   c.no_alias(out, "out", lat, "latent_pages");
-  if (!lse.absent()) c.no_alias(lse, "lse", lat, "latent_pages");
+  if (!lse.absent()) {
+    c.view(lse, "lse", {1, 1, 0}, {"batch", "heads_out", "seq_q"});
+    c.no_alias(lse, "lse", lat, "latent_pages");
+  }
   const paged_kv<KV> kv{k, v, block_table, seqlens};
-  // Block table, lengths, heads and LSE as for any paged MQA call.
-  detail::attention_paged_checked<KV>(c, q, kv, out, options, lse);
+  // Block table, lengths, heads and LSE as for any paged MQA call, under this function's names.
+  detail::attention_paged_checked<KV>(c, q, kv, out, options, lse, "");
 }
 
 }  // namespace headwise

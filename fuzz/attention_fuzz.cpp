@@ -863,26 +863,20 @@ T* advance(const tensor_view<T, R>& t, std::int64_t index, std::size_t axis) {
   return t.numel() == 0 ? t.data : t.data + index * t.stride[axis];
 }
 
-/// A batch slice of a 4-D view, or a 3-D [total, heads, dim] range as a batch-1 4-D view.
-template <class T>
-tensor_view<T, 4> batch_of(tensor_view<T, 4> t, std::int64_t b) {
-  tensor_view<T, 4> s = t;
+/// A batch slice (extent 1 on axis 0) of a view; an absent view stays absent.
+template <class T, std::size_t R>
+tensor_view<T, R> batch_of(tensor_view<T, R> t, std::int64_t b) {
+  if (t.absent()) return t;
+  tensor_view<T, R> s = t;
   s.data = advance(t, b, 0);
   s.shape[0] = 1;
   return s;
 }
+/// A 3-D [total, heads, dim] range as a batch-1 4-D view.
 template <class T>
 tensor_view<T, 4> rows_of(tensor_view<T, 3> t, std::int64_t first, std::int64_t n) {
   return {advance(t, first, 0), {1, n, t.shape[1], t.shape[2]},
           {0, t.stride[0], t.stride[1], t.stride[2]}};
-}
-template <class T>
-tensor_view<T, 3> batch_of(tensor_view<T, 3> t, std::int64_t b) {
-  if (t.absent()) return t;
-  tensor_view<T, 3> s = t;
-  s.data = advance(t, b, 0);
-  s.shape[0] = 1;
-  return s;
 }
 template <class T>
 tensor_view<T, 3> cols_of(tensor_view<T, 2> t, std::int64_t first, std::int64_t n) {

@@ -15,28 +15,8 @@ if ! [[ $runs =~ ^[0-9]+$ ]] || [ "$runs" -lt 1 ]; then
   exit 2
 fi
 
-# --- dependencies (Debian 12), installed the way scripts/install-deps.sh does -----------------
-packages=(clang-14 libclang-rt-14-dev libomp-14-dev libxsimd-dev)
-missing=()
-for p in "${packages[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-    missing+=("$p")
-  fi
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "fuzz.sh: installing ${missing[*]}"
-  if [ "$(id -u)" -eq 0 ]; then
-    SUDO=()
-  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    SUDO=(sudo -n)
-  else
-    echo "fuzz.sh: not root and no passwordless sudo; please run:" >&2
-    echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
-    exit 1
-  fi
-  "${SUDO[@]}" apt-get update
-  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+# --- dependencies (Debian 12) -----------------------------------------------------------------
+bash scripts/install-deps.sh clang-14 libclang-rt-14-dev libomp-14-dev libxsimd-dev
 
 cxx=clang++-14
 command -v "$cxx" >/dev/null 2>&1 || cxx=clang++

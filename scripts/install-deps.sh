@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install the Debian 12 packages headwise needs to build, test and benchmark, if missing.
 # Safe to run repeatedly: does nothing (and needs no root) when everything is installed.
+# With arguments, installs those packages instead (scripts/fuzz.sh: clang and its runtimes).
 set -euo pipefail
 
 packages=(cmake g++ make libxsimd-dev libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev pkg-config)
+if [ $# -gt 0 ]; then packages=("$@"); fi
 
 missing=()
 for p in "${packages[@]}"; do

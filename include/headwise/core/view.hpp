@@ -27,10 +27,10 @@ struct tensor_view {
       : data(p), shape(shp), stride(str) {}
   /// Row-major contiguous view of the given shape.
   constexpr tensor_view(T* p, std::array<std::int64_t, R> shp) : data(p), shape(shp) {
-    std::int64_t s = 1;
+    std::int64_t s = 1;  // saturates: an overflowing shape is then rejected by numel_checked
     for (std::size_t i = R; i-- > 0;) {
       stride[i] = s;
-      s *= shp[i];
+      if (i > 0 && __builtin_mul_overflow(s, shp[i], &s)) s = std::numeric_limits<std::int64_t>::max();
     }
   }
   /// A view of T converts to a view of const T.
@@ -47,9 +47,14 @@ struct tensor_view {
     return true;
   }
 
+  /// Element count: 0 when any extent is 0 (checked first: {2^62, 7, 0} is empty, not an
+  /// overflow), -1 when the product overflows (only unchecked views; checked ones never do).
   [[nodiscard]] constexpr std::int64_t numel() const noexcept {
+    for (auto s : shape)
+      if (s == 0) return 0;
     std::int64_t n = 1;
-    for (auto s : shape) n *= s;
+    for (auto s : shape)
+      if (__builtin_mul_overflow(n, s, &n)) return -1;
     return n;
   }
 

@@ -8,3 +8,4 @@
 #include "variants/kv_cache.hpp"
 #include "variants/diff.hpp"
 #include "variants/mla.hpp"
+#include "variants/block_sparse.hpp"

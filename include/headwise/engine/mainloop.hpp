@@ -87,8 +87,12 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
   }
 
   const std::int64_t kv_end = std::min(k_end, pb.ks.len(b));
-  mask.for_each_tile(p0, p1, k_begin, k_end, block_kv, [&](std::int64_t a, std::int64_t n, bool full) {
-    if (lay.prefetch_next()) {
+  // A tile is keys [a, a + n), or, when the mask gathers single keys (cols != nullptr: a
+  // block-sparse column index), keys cols[0..n), ascending.
+  mask.for_each_tile(p0, p1, k_begin, k_end, block_kv, [&](std::int64_t a, std::int64_t n, bool full,
+                                                          const std::int32_t* cols = nullptr) {
+    auto key = [&](std::int64_t j) -> std::int64_t { return cols ? cols[j] : a + j; };
+    if (!cols && lay.prefetch_next()) {
       // Keep a window of `ahead` tokens (every head, K and V: about prefetch_bytes) on its way
       // into L2: each tile prefetches the tokens entering the window, in address order.
       using KV = std::remove_cv_t<std::remove_pointer_t<decltype(pb.ks.k_row(b, a, hk0))>>;
@@ -109,10 +113,15 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
         }
     }
     if constexpr (Mask::needs_masking) {
-      if (!full) {  // boundary tile: per-lane bounds relative to key a, clamped to [-1, n]
+      if (!full && !cols) {  // boundary tile: per-lane bounds relative to key a, clamped to [-1, n]
         for (std::int64_t x = 0; x < nh * lanes; ++x) {
           ws.lo_rel[x] = static_cast<float>(std::clamp<std::int64_t>(ws.lane_lo[x] - a, -1, n));
           ws.hi_rel[x] = static_cast<float>(std::clamp<std::int64_t>(ws.lane_hi[x] - a, -1, n));
+        }
+      } else if (!full) {  // gathered keys: the visible ones are a run [lo_rel, hi_rel] of cols
+        for (std::int64_t x = 0; x < nh * lanes; ++x) {
+          ws.lo_rel[x] = static_cast<float>(std::lower_bound(cols, cols + n, ws.lane_lo[x]) - cols);
+          ws.hi_rel[x] = static_cast<float>(std::upper_bound(cols, cols + n, ws.lane_hi[x]) - cols - 1);
         }
       }
     }
@@ -120,18 +129,18 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
       const std::int64_t hk = hk0 + h;
       lay.select(h);
       // K, V rows [a, a+n) of KV head hk: in place or packed by the layout.
-      auto k_row = [&](std::int64_t j) { return pb.ks.k_row(b, a + j, hk); };
-      auto v_row = [&](std::int64_t j) { return pb.ks.v_row(b, a + j, hk); };
+      auto k_row = [&](std::int64_t j) { return pb.ks.k_row(b, key(j), hk); };
+      auto v_row = [&](std::int64_t j) { return pb.ks.v_row(b, key(j), hk); };
+      const auto rows_in_place = cols ? decltype(pb.ks.tile(b, a, n, hk)){} : pb.ks.tile(b, a, n, hk);
       if constexpr (two_keys) {
-        lay.load(pb.ks.tile(b, a, n, hk), k_row, v_row, [&](std::int64_t j) { return pb.ks.k2_row(b, a + j, hk); },
-                 n);
+        lay.load(rows_in_place, k_row, v_row, [&](std::int64_t j) { return pb.ks.k2_row(b, key(j), hk); }, n);
       } else {
-        lay.load(pb.ks.tile(b, a, n, hk), k_row, v_row, n);
+        lay.load(rows_in_place, k_row, v_row, n);
       }
       lay.qk(n);                                                     // S = Q·Kᵀ
       score.template apply<Arch>(lay.scores(), lay.score_count(n));  // softcap, if any
       if constexpr (Mask::needs_masking) {
-        if (!full) lay.mask(n, std::clamp<std::int64_t>(mask.sinks() - a, 0, n));
+        if (!full) lay.mask(n, cols ? 0 : std::clamp<std::int64_t>(mask.sinks() - a, 0, n));  // no sinks in gathers
       } else {
         (void)full;
       }

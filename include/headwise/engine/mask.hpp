@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "../core/view.hpp"
+
 namespace headwise::engine {
 
 inline constexpr std::int64_t unbounded_lo = std::numeric_limits<std::int64_t>::min() / 4;
@@ -93,6 +95,69 @@ struct band_mask {
   }
 };
 
+/// Block-sparse: the key blocks and single key columns a block mask lists for the query block
+/// of the work item (BCSR partial and full blocks, FlexAttention; a column index, MInference).
+/// Partial blocks and columns take the element mask key <= hi(pos) (causal; unbounded when
+/// not causal), full blocks none. Blocks are visited in increasing key order, then the
+/// columns in chunks of block_kv keys: a chunk of consecutive keys is a contiguous tile, any
+/// other chunk a gathered one (f's fourth argument). Work items must be aligned to q_block.
+struct sparse_mask {
+  tensor_view<const std::int32_t, 3> partial_n, full_n, cols_n;  ///< counts (b, h, qb), this (b, h) only
+  tensor_view<const std::int32_t, 4> partial_i, full_i, cols_i;  ///< indices
+  std::int64_t b = 0, h = 0;        ///< the mask's (batch, head) of this item (0 when broadcast)
+  std::int64_t q_block = 1, kv_block = 1, seq_kv = 0;
+  std::int64_t offset = 0;          ///< diagonal of query i: i + offset
+  bool causal = false;
+  static constexpr bool needs_masking = true;
+
+  [[nodiscard]] std::int64_t hi(std::int64_t pos) const noexcept { return causal ? pos + offset : unbounded_hi; }
+  [[nodiscard]] key_bounds lane_bounds(std::int64_t pos) const noexcept { return {unbounded_lo, hi(pos)}; }
+  [[nodiscard]] std::int64_t sinks() const noexcept { return 0; }
+
+  template <class F>
+  void for_each_tile(std::int64_t p0, std::int64_t p1, std::int64_t k_begin, std::int64_t k_end,
+                     std::int64_t block_kv, F&& f) const {
+    const std::int64_t qb = p0 / q_block;
+    const std::int64_t all_see = hi(p0), any_sees = hi(p1 - 1);  // keys <= all_see: every row
+    const std::int64_t end = std::min({k_end, seq_kv, any_sees < unbounded_hi ? any_sees + 1 : seq_kv});
+    auto row = [&](const tensor_view<const std::int32_t, 3>& n, const tensor_view<const std::int32_t, 4>& i,
+                   std::int64_t& count) -> const std::int32_t* {
+      count = n.absent() ? 0 : n(b, h, qb);
+      return count > 0 ? &i(b, h, qb, 0) : nullptr;
+    };
+    std::int64_t np = 0, nf = 0, nc = 0;
+    const std::int32_t* pl = row(partial_n, partial_i, np);
+    const std::int32_t* fl = row(full_n, full_i, nf);
+    const std::int32_t* cl = row(cols_n, cols_i, nc);
+    auto block = [&](std::int64_t kb, bool is_full) {
+      const std::int64_t a = std::max(kb * kv_block, k_begin);
+      const std::int64_t z = std::min(kb * kv_block + kv_block, is_full ? std::min(k_end, seq_kv) : end);
+      for (std::int64_t t = a; t < z; t += block_kv) {
+        const std::int64_t u = std::min(z, t + block_kv);
+        f(t, u - t, is_full || u - 1 <= all_see);
+      }
+    };
+    for (std::int64_t x = 0, y = 0; x < np || y < nf;) {  // merge the two ascending lists
+      if (y == nf || (x < np && pl[x] < fl[y])) {
+        block(pl[x++], false);
+      } else {
+        block(fl[y++], true);
+      }
+    }
+    const std::int32_t* c0 = std::lower_bound(cl, cl + nc, k_begin);
+    const std::int32_t* c1 = std::lower_bound(c0, cl + nc, end);
+    for (const std::int32_t* c = c0; c < c1; c += std::min<std::int64_t>(block_kv, c1 - c)) {
+      const std::int64_t m = std::min<std::int64_t>(block_kv, c1 - c);
+      const bool all = c[m - 1] <= all_see;
+      if (c[m - 1] - c[0] == m - 1) {
+        f(std::int64_t{c[0]}, m, all);
+      } else {
+        f(std::int64_t{c[0]}, m, all, c);
+      }
+    }
+  }
+};
+
 /// Builds the per-sequence mask policy (sequences of a varlen or paged batch differ in length).
 struct no_mask_spec {
   using mask_type = no_mask;
@@ -111,6 +176,34 @@ struct band_spec {
   [[nodiscard]] band_mask make(std::int64_t seq_q, std::int64_t seq_kv) const noexcept {
     auto side = [](std::int64_t w) { return w >= unbounded_hi ? std::int64_t{-1} : w; };
     return band_mask{seq_kv, top_left ? 0 : seq_kv - seq_q, side(left), side(right), sink_tokens};
+  }
+};
+
+/// A block mask's policy for each work item: the (batch, head) slice of the mask (broadcast
+/// axes of extent 1 read slice 0) and the causal diagonal of the sequence.
+struct sparse_spec {
+  using mask_type = sparse_mask;
+  tensor_view<const std::int32_t, 3> partial_n, full_n, cols_n;
+  tensor_view<const std::int32_t, 4> partial_i, full_i, cols_i;
+  std::int64_t q_block = 1, kv_block = 1;
+  bool causal = false, top_left = false;
+  [[nodiscard]] sparse_mask make_item(std::int64_t b, std::int64_t head, std::int64_t seq_q,
+                                      std::int64_t seq_kv) const noexcept {
+    sparse_mask m;
+    m.partial_n = partial_n;
+    m.full_n = full_n;
+    m.cols_n = cols_n;
+    m.partial_i = partial_i;
+    m.full_i = full_i;
+    m.cols_i = cols_i;
+    m.b = partial_n.shape[0] == 1 ? 0 : b;
+    m.h = partial_n.shape[1] == 1 ? 0 : head;
+    m.q_block = q_block;
+    m.kv_block = kv_block;
+    m.seq_kv = seq_kv;
+    m.offset = top_left ? 0 : seq_kv - seq_q;
+    m.causal = causal;
+    return m;
   }
 };
 

@@ -82,6 +82,22 @@ inline std::int64_t key_lane_split(const blocking& blk, std::int64_t seq_kv) noe
   return std::max(blk.split_kv, seq_kv / max_splits + (seq_kv % max_splits != 0));
 }
 
+/// A mask spec whose mask depends on the work item (block-sparse: per sequence and head)
+/// provides make_item(b, hk, seq_q, seq_kv); it runs query-lane items of one KV head only.
+template <class MaskSpec>
+concept per_item_mask = requires(const MaskSpec& ms) { ms.make_item(std::int64_t{}, std::int64_t{}, std::int64_t{}, std::int64_t{}); };
+
+template <class MaskSpec>
+auto make_mask(const MaskSpec& ms, std::int64_t b, std::int64_t hk, std::int64_t seq_q, std::int64_t seq_kv) {
+  if constexpr (per_item_mask<MaskSpec>) {
+    return ms.make_item(b, hk, seq_q, seq_kv);
+  } else {
+    (void)b;
+    (void)hk;
+    return ms.make(seq_q, seq_kv);
+  }
+}
+
 struct work_item {
   std::int64_t b, hk, p0, p1, k_begin, k_end;  ///< hk: first KV head (key-lane items cover all)
   std::int64_t partial;  ///< offset of this split's state in the partial buffer, -1 if final
@@ -111,7 +127,7 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
     max_skv = std::max(max_skv, skv);
     // Decode (few rows per KV head): keys across lanes, one item for all KV heads of a key
     // range, so the cache is read in address order; the key range is cut into splits.
-    const bool keys = !two_keys && use_key_lanes<Arch>(g * sq);
+    const bool keys = !two_keys && !per_item_mask<MaskSpec> && use_key_lanes<Arch>(g * sq);
     std::int64_t bq = keys ? sq : std::max<std::int64_t>(1, blk.rows / g);
     // Two segments: positions per item such that both segments fill whole vectors, unless that
     // would more than double the item (many signal heads per noise head: pad instead).
@@ -164,7 +180,7 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
   for (std::int64_t it = 0; it < n_items; ++it) {
     const work_item& wi = items[static_cast<std::size_t>(it)];
     workspace& mine = ws[static_cast<std::size_t>(thread_index())];
-    const auto mask = ms.make(pb.qs.len(wi.b), pb.ks.len(wi.b));
+    const auto mask = make_mask(ms, wi.b, wi.hk, pb.qs.len(wi.b), pb.ks.len(wi.b));
     const std::int64_t rows = (wi.p1 - wi.p0) * g;  // per KV head
     auto go = [&](auto& lay, std::int64_t bk) {
       if (wi.partial < 0) {

@@ -140,4 +140,25 @@ struct paged_kv_source {
   }
 };
 
+/// The K/V of attention head a through another source, for problems that give every attention
+/// head work items of its own (block-sparse masks differ per head): head a reads KV head
+/// a / group (head_map::interleave) or a % heads_kv (head_map::tile).
+template <class KS>
+struct per_head_kv {
+  KS ks;
+  bool interleave = true;
+  std::int64_t group = 1, heads_kv = 1;
+  [[nodiscard]] std::int64_t kv_head(std::int64_t a) const noexcept { return interleave ? a / group : a % heads_kv; }
+  [[nodiscard]] std::int64_t len(std::int64_t b) const noexcept { return ks.len(b); }
+  [[nodiscard]] auto k_row(std::int64_t b, std::int64_t j, std::int64_t a) const noexcept {
+    return ks.k_row(b, j, kv_head(a));
+  }
+  [[nodiscard]] auto v_row(std::int64_t b, std::int64_t j, std::int64_t a) const noexcept {
+    return ks.v_row(b, j, kv_head(a));
+  }
+  [[nodiscard]] auto tile(std::int64_t b, std::int64_t j, std::int64_t n, std::int64_t a) const noexcept {
+    return ks.tile(b, j, n, kv_head(a));
+  }
+};
+
 }  // namespace headwise::engine

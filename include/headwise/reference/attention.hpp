@@ -23,14 +23,17 @@ inline bool visible(const attention_options& o, std::int64_t i, std::int64_t j, 
   return true;
 }
 
-/// Reference for headwise::attention: same arguments, same validation, fp64 accumulation.
-template <class KT, class VT>
-void attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_view<VT, 4> v,
-               tensor_view<float, 4> out, const attention_options& opt = {}, tensor_view<float, 3> lse = {}) {
-  using KV = detail::kv_storage_t<KT>;
-  const detail::checker c("headwise::reference::attention");
-  const auto pb =
-      detail::check_attention<KV>(c, q, tensor_view<const KV, 4>(k), tensor_view<const KV, 4>(v), out, opt, lse);
+namespace ref_detail {
+
+/// fp64 attention of a validated dense problem; key j is visible to query i of attention head
+/// h in batch row b iff visible(b, h, i, j).
+template <class KV, class Visible>
+void attend(const engine::problem<engine::dense_q, engine::dense_kv<KV>>& pb, const attention_options& opt,
+            Visible&& visible) {
+  const tensor_view<const float, 4> q = pb.qs.q;
+  const tensor_view<const KV, 4> k = pb.ks.k, v = pb.ks.v;
+  const tensor_view<float, 4> out = pb.qs.out;
+  const tensor_view<float, 3> lse = pb.qs.lse;
   const double scale = pb.scale;
   const auto& hm = pb.heads;
   const std::int64_t seq_q = q.shape[1], seq_kv = k.shape[1];
@@ -45,7 +48,7 @@ void attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_view<
         const double sink = opt.sink_logits.absent() ? mx : static_cast<double>(opt.sink_logits(h));
         for (std::int64_t j = 0; j < seq_kv; ++j) {
           double x = -std::numeric_limits<double>::infinity();
-          if (visible(opt, i, j, seq_q, seq_kv)) {
+          if (visible(b, h, i, j)) {
             double dot = 0;
             for (std::int64_t d = 0; d < pb.dim_qk; ++d)
               dot += static_cast<double>(q(b, i, hq, d)) * static_cast<double>(to_float(k(b, j, hk, d)));
@@ -74,6 +77,22 @@ void attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_view<
           lse(b, h, i) = den > 0 ? static_cast<float>(mx + std::log(den)) : -std::numeric_limits<float>::infinity();
       }
     }
+}
+
+}  // namespace ref_detail
+
+/// Reference for headwise::attention: same arguments, same validation, fp64 accumulation.
+template <class KT, class VT>
+void attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_view<VT, 4> v,
+               tensor_view<float, 4> out, const attention_options& opt = {}, tensor_view<float, 3> lse = {}) {
+  using KV = detail::kv_storage_t<KT>;
+  const detail::checker c("headwise::reference::attention");
+  const auto pb = detail::check_attention<KV>(c, q, tensor_view<const KV, 4>(k),
+                                                        tensor_view<const KV, 4>(v), out, opt, lse);
+  const std::int64_t seq_q = q.shape[1], seq_kv = k.shape[1];
+  ref_detail::attend(pb, opt, [&](std::int64_t, std::int64_t, std::int64_t i, std::int64_t j) {
+    return visible(opt, i, j, seq_q, seq_kv);
+  });
 }
 
 }  // namespace headwise::reference

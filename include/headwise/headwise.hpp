@@ -9,3 +9,4 @@
 #include "variants/diff.hpp"
 #include "variants/mla.hpp"
 #include "variants/block_sparse.hpp"
+#include "variants/sparse_select.hpp"

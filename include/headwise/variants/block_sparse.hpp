@@ -77,7 +77,9 @@ inline void check_block_mask(const checker& c, const block_mask& m, std::int64_t
   for (std::int64_t b = 0; b < nb; ++b)
     for (std::int64_t h = 0; h < nh; ++h)
       for (std::int64_t qb = 0; qb < nqb; ++qb) {
-        const auto [pl, np] = row(m.kv_num_blocks, m.kv_indices, "kv_num_blocks", "kv_indices", b, h, qb, nkb, "a key block");
+        const auto partial = row(m.kv_num_blocks, m.kv_indices, "kv_num_blocks", "kv_indices", b, h, qb, nkb, "a key block");
+        const std::int32_t* pl = partial.first;  // (no structured bindings: lambdas capture these)
+        const std::int64_t np = partial.second;
         std::pair<const std::int32_t*, std::int64_t> fl{nullptr, 0}, cl{nullptr, 0};
         if (has_full)
           fl = row(m.full_kv_num_blocks, m.full_kv_indices, "full_kv_num_blocks", "full_kv_indices", b, h, qb, nkb,

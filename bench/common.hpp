@@ -54,6 +54,10 @@ struct shape {
   /// Differential families (gda, gda_unfused, diff): heads_q = signal heads hs, heads_noise = hn,
   /// heads_kv = K/V pairs (K holds 2 heads of dim_qk = d per pair, V one of dim_v = 2d).
   std::int64_t heads_noise = 0;
+  /// Block-sparse families (block_sparse, flexprefill, vertical_slash, xattention): the block
+  /// size (q and kv) and, for block_sparse, the percent of causal blocks kept.
+  std::int64_t sparse_block = 0;
+  int density = 0;
 
   /// `<family>[_<dtype>]/b:../sq:../skv:../hq:../hkv:../dqk:../dv:../causal:../threads:..`
   /// (DESIGN.md §4), plus `/rows:../bkv:..` for the tuning family.
@@ -66,6 +70,19 @@ struct shape {
       n += ':';
       n += std::to_string(value);
     };
+    if (sparse_block > 0) {  // <family>/sq/skv/hq/hkv/dqk/dv/causal[/density][/block]/threads
+      arg("sq", seq_q);
+      arg("skv", seq_kv);
+      arg("hq", heads_q);
+      arg("hkv", heads_kv);
+      arg("dqk", dim_qk);
+      arg("dv", dim_v);
+      arg("causal", causal ? 1 : 0);
+      if (density > 0) arg("density", density);
+      if (sparse_block != 128) arg("block", sparse_block);
+      arg("threads", threads);
+      return n;
+    }
     if (heads_noise > 0) {  // gda/sq/skv/hs/hn/hkv/d/causal/threads; diff: h = hs = hn
       if (batch != 1) arg("b", batch);
       arg("sq", seq_q);
@@ -225,6 +242,9 @@ void register_mla_benchmarks(const std::vector<shape>& shapes);
 
 std::vector<shape> diff_shapes(const plan_options& opt);
 void register_diff_benchmarks(const std::vector<shape>& shapes);
+
+std::vector<shape> sparse_shapes(const plan_options& opt);
+void register_sparse_benchmarks(const std::vector<shape>& shapes);
 
 std::vector<shape> unfused_eigen_shapes(const plan_options& opt);
 void register_unfused_eigen_benchmarks(const std::vector<shape>& shapes);

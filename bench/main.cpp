@@ -90,10 +90,11 @@ int main(int argc, char** argv) {
   const std::vector<shape> mla = mla_shapes(plan);
   const std::vector<shape> eigen = unfused_eigen_shapes(plan);
   const std::vector<shape> diff = diff_shapes(plan);
+  const std::vector<shape> sparse = sparse_shapes(plan);
 
   // Every thread count a registered benchmark uses, ascending.
   std::vector<int> thread_counts;
-  for (const auto* list : {&dense, &decode, &mla, &eigen, &diff}) {
+  for (const auto* list : {&dense, &decode, &mla, &eigen, &diff, &sparse}) {
     for (const shape& s : *list) {
       if (std::find(thread_counts.begin(), thread_counts.end(), s.threads) == thread_counts.end()) {
         thread_counts.push_back(s.threads);
@@ -114,6 +115,7 @@ int main(int argc, char** argv) {
   register_mla_benchmarks(mla);
   register_unfused_eigen_benchmarks(eigen);
   register_diff_benchmarks(diff);
+  register_sparse_benchmarks(sparse);
 
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

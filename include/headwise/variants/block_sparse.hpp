@@ -61,16 +61,20 @@ inline void check_block_mask(const checker& c, const block_mask& m, std::int64_t
   auto row = [&](const tensor_view<const std::int32_t, 3>& n, const tensor_view<const std::int32_t, 4>& i,
                  const std::string& nn, const std::string& in, std::int64_t b, std::int64_t h, std::int64_t qb,
                  std::int64_t limit, const char* what) -> std::pair<const std::int32_t*, std::int64_t> {
+    // Messages are built only on failure: a mask holds millions of entries.
     const std::int64_t cnt = n(b, h, qb);
-    c.require(cnt >= 0 && cnt <= i.shape[3], "mask." + nn + where(b, h, qb),
-              "in [0, mask." + in + ".shape[3] = " + to_text(i.shape[3]) + "]", to_text(cnt));
+    if (cnt < 0 || cnt > i.shape[3])
+      c.fail("mask." + nn + where(b, h, qb), "in [0, mask." + in + ".shape[3] = " + to_text(i.shape[3]) + "]",
+             to_text(cnt));
     if (cnt == 0) return {nullptr, 0};
     const std::int32_t* p = &i(b, h, qb, 0);
     for (std::int64_t x = 0; x < cnt; ++x) {
-      c.require(p[x] >= 0 && p[x] < limit, "mask." + in + where(b, h, qb) + "[" + to_text(x) + "]",
-                std::string(what) + " in [0, " + to_text(limit) + ")", to_text(p[x]));
-      c.require(x == 0 || p[x] > p[x - 1], "mask." + in + where(b, h, qb) + "[" + to_text(x) + "]",
-                "greater than the previous entry (sorted ascending, no repeats)", to_text(p[x]));
+      if (p[x] < 0 || p[x] >= limit)
+        c.fail("mask." + in + where(b, h, qb) + "[" + to_text(x) + "]",
+               std::string(what) + " in [0, " + to_text(limit) + ")", to_text(p[x]));
+      if (x > 0 && p[x] <= p[x - 1])
+        c.fail("mask." + in + where(b, h, qb) + "[" + to_text(x) + "]",
+               "greater than the previous entry (sorted ascending, no repeats)", to_text(p[x]));
     }
     return {p, cnt};
   };
@@ -90,12 +94,13 @@ inline void check_block_mask(const checker& c, const block_mask& m, std::int64_t
           return std::binary_search(pl, pl + np, kb) || std::binary_search(fl.first, fl.first + fl.second, kb);
         };
         for (std::int64_t x = 0; x < fl.second; ++x)
-          c.require(!std::binary_search(pl, pl + np, fl.first[x]),
-                    "mask.full_kv_indices" + where(b, h, qb) + "[" + to_text(x) + "]",
-                    "a block not also in mask.kv_indices", to_text(fl.first[x]));
+          if (std::binary_search(pl, pl + np, fl.first[x]))
+            c.fail("mask.full_kv_indices" + where(b, h, qb) + "[" + to_text(x) + "]",
+                   "a block not also in mask.kv_indices", to_text(fl.first[x]));
         for (std::int64_t x = 0; x < cl.second; ++x)
-          c.require(!listed(cl.first[x] / m.kv_block), "mask.column_index" + where(b, h, qb) + "[" + to_text(x) + "]",
-                    "a key outside the listed blocks (it would be counted twice)", to_text(cl.first[x]));
+          if (listed(cl.first[x] / m.kv_block))
+            c.fail("mask.column_index" + where(b, h, qb) + "[" + to_text(x) + "]",
+                   "a key outside the listed blocks (it would be counted twice)", to_text(cl.first[x]));
       }
 }
 

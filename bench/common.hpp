@@ -79,7 +79,9 @@ struct shape {
       arg("dv", dim_v);
       arg("causal", causal ? 1 : 0);
       if (density > 0) arg("density", density);
-      if (sparse_block != 128) arg("block", sparse_block);
+      // The block size is named when it is not the family's default (64 for block_sparse and
+      // vertical_slash, 128 for flexprefill and xattention).
+      if (sparse_block != (family == "block_sparse" || family == "vertical_slash" ? 64 : 128)) arg("block", sparse_block);
       arg("threads", threads);
       return n;
     }

@@ -2,6 +2,7 @@
 // against the fp64 reference (headwise::reference::block_sparse_attention: the block mask
 // expanded to an element predicate, then the dense reference).
 #include <headwise/reference/block_sparse.hpp>
+#include <headwise/variants/sparse_select.hpp>
 
 #include "common/testing.hpp"
 
@@ -265,6 +266,45 @@ TEST(BlockSparse, sparse_split_and_thread_invariance) {
     outs.back().insert(outs.back().end(), p.lse.begin(), p.lse.end());
   }
   for (std::size_t i = 1; i < outs.size(); ++i) EXPECT_TRUE(BitwiseEqual(outs[0], outs[i])) << i;
+}
+
+// End to end: each adaptive selector at full coverage (gamma = 1, every vertical and slash,
+// threshold = 1) feeds the executor and gives dense causal attention (GQA, both head maps).
+TEST(BlockSparse, sparse_selectors_at_full_coverage_equal_dense_causal) {
+  for (head_map map : {head_map::interleave, head_map::tile}) {
+    problem_spec s{.batch = 2, .seq_q = 300, .seq_kv = 300, .heads_q = 4, .heads_kv = 2, .dim_qk = 32, .dim_v = 32};
+    s.map = map;
+    dense_problem<float> p(s, 31);
+    attention_options o = p.fix({});
+    o.causal = causal_mode::bottom_right;
+    p.run(o);
+    const auto dense = p.out_dense();
+    headwise::flexprefill_options fo;
+    fo.gamma = 1.0;
+    fo.min_budget = 0;
+    fo.block_size = 128;  // budgets count 128-token units whatever the block (the reference's //128)
+    fo.heads = map;
+    headwise::vertical_slash_options vo;
+    vo.vertical_size = vo.slash_size = 300;
+    vo.block = 32;
+    vo.heads = map;
+    headwise::xattention_options xo;
+    xo.block = 32;
+    xo.stride = 4;
+    xo.threshold = 1.0;
+    xo.heads = map;
+    const headwise::sparse_selection sels[] = {headwise::flexprefill_select(p.q_view(), p.k_view(), fo),
+                                               headwise::vertical_slash_select(p.q_view(), p.k_view(), vo),
+                                               headwise::xattention_select(p.q_view(), p.k_view(), xo)};
+    for (const auto& sel : sels) {
+      EXPECT_EQ(sel.stats.selected, 1.0) << (&sel - sels);
+      headwise::block_sparse_attention(p.q_view(), p.k_view(), p.v_view(), p.out_view(), sel.mask.view(), o,
+                                       p.lse_view());
+      const auto sparse = p.out_dense();
+      EXPECT_TRUE(AllClose(sparse.data(), dense.data(), dense.size(), 1e-5, 1e-6)) << (&sel - sels) << " tile "
+                                                                                   << (map == head_map::tile);
+    }
+  }
 }
 
 // Bad masks and options: argument_error naming the argument, before any work (out untouched).

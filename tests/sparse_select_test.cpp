@@ -921,6 +921,7 @@ TEST(sparse_select, sparse_bad_inputs_throw_argument_error) {
   EXPECT_TRUE(ThrowsArgumentError(flex([](auto& o) { o.min_budget = -1; }), "options.min_budget"));
   EXPECT_TRUE(ThrowsArgumentError(flex([](auto& o) { o.max_budget = -5; }), "options.max_budget"));
   EXPECT_TRUE(ThrowsArgumentError(flex([](auto& o) { o.block_size = 0; }), "options.block_size"));
+  EXPECT_TRUE(ThrowsArgumentError(flex([](auto& o) { o.block_size = 2048; }), "options.block_size"));  // executor max 1024
   EXPECT_TRUE(ThrowsArgumentError(flex([](auto& o) { o.num_threads = -1; }), "options.num_threads"));
 
   auto vs = [&](auto edit) {
@@ -934,6 +935,7 @@ TEST(sparse_select, sparse_bad_inputs_throw_argument_error) {
   EXPECT_TRUE(ThrowsArgumentError(vs([](auto& o) { o.slash_size = -1; }), "options.slash_size"));
   EXPECT_TRUE(ThrowsArgumentError(vs([](auto& o) { o.last_q = 0; }), "options.last_q"));
   EXPECT_TRUE(ThrowsArgumentError(vs([](auto& o) { o.block = 0; }), "options.block"));
+  EXPECT_TRUE(ThrowsArgumentError(vs([](auto& o) { o.block = 1025; }), "options.block"));
   EXPECT_TRUE(ThrowsArgumentError(vs([](auto& o) { o.forced_vertical = -1; }), "options.forced_vertical"));
   EXPECT_TRUE(ThrowsArgumentError(vs([](auto& o) { o.forced_slash = -1; }), "options.forced_slash"));
 
@@ -945,6 +947,7 @@ TEST(sparse_select, sparse_bad_inputs_throw_argument_error) {
     };
   };
   EXPECT_TRUE(ThrowsArgumentError(xa([](auto& o) { o.block = 0; }), "options.block"));
+  EXPECT_TRUE(ThrowsArgumentError(xa([](auto& o) { o.block = 2048; }), "options.block"));
   EXPECT_TRUE(ThrowsArgumentError(xa([](auto& o) { o.stride = 0; }), "options.stride"));
   EXPECT_TRUE(ThrowsArgumentError(xa([](auto& o) { o.stride = 3; }), "options.stride"));  // 128 % 3 != 0
   EXPECT_TRUE(ThrowsArgumentError(xa([](auto& o) { o.threshold = 0.0; }), "options.threshold"));

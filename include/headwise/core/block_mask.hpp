@@ -29,8 +29,8 @@ namespace headwise {
 /// lists; no column falls inside a listed block. headwise::block_sparse_attention checks all
 /// of it before any work.
 struct block_mask {
-  std::int64_t q_block = 128;
-  std::int64_t kv_block = 128;
+  std::int64_t q_block = 64;
+  std::int64_t kv_block = 64;
   tensor_view<const std::int32_t, 3> kv_num_blocks;       ///< (B|1, H|1, num_q_blocks)
   tensor_view<const std::int32_t, 4> kv_indices;          ///< (B|1, H|1, num_q_blocks, width)
   tensor_view<const std::int32_t, 3> full_kv_num_blocks;  ///< optional, as kv_num_blocks
@@ -43,7 +43,7 @@ struct block_mask {
 /// view() lends it to block_sparse_attention (keep the data alive during the call).
 struct block_mask_data {
   std::int64_t batch = 1, heads = 1, seq_q = 0, seq_kv = 0;
-  std::int64_t q_block = 128, kv_block = 128;
+  std::int64_t q_block = 64, kv_block = 64;
   std::int64_t kv_width = 1, full_width = 1, column_width = 1;  ///< row widths of the index arrays
   std::vector<std::int32_t> kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, column_count,
       column_index;

@@ -209,8 +209,8 @@ void block_sparse_attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k,
 
 /// Every block visible under `causal` (1 batch row, 1 head: broadcast): dense causal (or, with
 /// causal_mode::none, dense) attention as a block mask. Diagonal blocks are partial, the rest full.
-inline block_mask_data causal_block_mask(std::int64_t seq_q, std::int64_t seq_kv, std::int64_t q_block = 128,
-                                         std::int64_t kv_block = 128, causal_mode causal = causal_mode::bottom_right) {
+inline block_mask_data causal_block_mask(std::int64_t seq_q, std::int64_t seq_kv, std::int64_t q_block = 64,
+                                         std::int64_t kv_block = 64, causal_mode causal = causal_mode::bottom_right) {
   detail::check_pattern(detail::checker("headwise::causal_block_mask"), seq_q, seq_kv, q_block, kv_block);
   block_mask_builder bld(1, 1, seq_q, seq_kv, q_block, kv_block, causal);
   for (std::int64_t qb = 0; qb < bld.num_q_blocks(); ++qb)

@@ -41,6 +41,7 @@
 #include "../tile/diagnostics.hpp"
 #include "../tile/tile.hpp"
 #include "attention.hpp"
+#include "block_sparse.hpp"
 
 HEADWISE_DIAGNOSTICS_PUSH
 
@@ -276,6 +277,10 @@ engine::head_mapper check_qk(const checker& c, tensor_view<const float, 4> q, te
 
 inline void check_unit(const checker& c, double x, const char* arg) {
   c.require(x > 0.0 && x <= 1.0, arg, "a value in (0, 1]", to_text(x));
+}
+/// A block size the executor accepts as q_block (block_sparse_attention: [1, 1024]).
+inline void check_block(const checker& c, std::int64_t x, const char* arg) {
+  c.require(x >= 1 && x <= max_q_block, arg, "in [1, 1024]", to_text(x));
 }
 inline void check_min(const checker& c, std::int64_t x, std::int64_t lo, const char* arg) {
   c.require(x >= lo, arg, ">= " + to_text(lo), to_text(x));
@@ -751,7 +756,7 @@ sparse_selection flexprefill_select(tensor_view<const float, 4> q, tensor_view<K
   const engine::head_mapper hm = ss::check_qk<KV>(c, q, kc, options.heads, options.num_threads);
   ss::check_unit(c, options.gamma, "options.gamma");
   ss::check_unit(c, options.tau, "options.tau");
-  ss::check_min(c, options.block_size, 1, "options.block_size");
+  ss::check_block(c, options.block_size, "options.block_size");
   ss::check_min(c, options.min_budget, 0, "options.min_budget");
   ss::check_min(c, options.max_budget, 0, "options.max_budget");
 
@@ -827,7 +832,7 @@ sparse_selection vertical_slash_select(tensor_view<const float, 4> q, tensor_vie
   ss::check_min(c, options.vertical_size, 0, "options.vertical_size");
   ss::check_min(c, options.slash_size, 0, "options.slash_size");
   ss::check_min(c, options.last_q, 1, "options.last_q");
-  ss::check_min(c, options.block, 1, "options.block");
+  ss::check_block(c, options.block, "options.block");
   ss::check_min(c, options.forced_vertical, 0, "options.forced_vertical");
   ss::check_min(c, options.forced_slash, 0, "options.forced_slash");
 
@@ -896,7 +901,7 @@ sparse_selection xattention_select(tensor_view<const float, 4> q, tensor_view<KT
   const detail::checker c("headwise::xattention_select");
   const tensor_view<const KV, 4> kc(k);
   const engine::head_mapper hm = ss::check_qk<KV>(c, q, kc, options.heads, options.num_threads);
-  ss::check_min(c, options.block, 1, "options.block");
+  ss::check_block(c, options.block, "options.block");
   ss::check_min(c, options.stride, 1, "options.stride");
   c.require(options.block % options.stride == 0, "options.stride",
             "a divisor of options.block = " + detail::to_text(options.block), detail::to_text(options.stride));

@@ -58,6 +58,13 @@ std::vector<shape> dense_shapes(const plan_options& opt) {
       add_unique(list, base("mha", 32, 32, true, t));
       add_unique(list, base("gqa", 32, 8, true, t));
     }
+    // The block-sparse families' shape, dense causal (their in-run reference as a benchmark of
+    // its own, for interleaved repetitions).
+    {
+      shape s = base("mha", 4, 4, true);
+      s.seq_q = s.seq_kv = 16384;
+      add_unique(list, s);
+    }
     // Sequence length sweep, MHA causal.
     for (std::int64_t len : {512, 1024, 2048, 4096, 8192}) {
       shape s = base("mha", 8, 8, true);

@@ -89,8 +89,7 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
   const std::int64_t kv_end = std::min(k_end, pb.ks.len(b));
   // A tile is keys [a, a + n), or, when the mask gathers single keys (cols != nullptr: a
   // block-sparse column index), keys cols[0..n), ascending.
-  mask.for_each_tile(p0, p1, k_begin, k_end, block_kv, [&](std::int64_t a, std::int64_t n, bool full,
-                                                          const std::int32_t* cols = nullptr) {
+  auto tile_fn = [&](std::int64_t a, std::int64_t n, bool full, const std::int32_t* cols = nullptr) {
     auto key = [&](std::int64_t j) -> std::int64_t { return cols ? cols[j] : a + j; };
     if (!cols && lay.prefetch_next()) {
       // Keep a window of `ahead` tokens (every head, K and V: about prefetch_bytes) on its way
@@ -147,7 +146,25 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
       lay.softmax(n);  // P = exp2(S - m'), α = exp2(m - m'), l' = α·l + ΣP
       lay.pv(n);       // O = α·O + P·V
     }
-  });
+  };
+  // A mask that visits keys out of order (block-sparse) announces its next tile: its K/V rows
+  // (every head of the item) start on their way into L2 while the current tile computes.
+  auto prefetch_keys = [&](std::int64_t a, std::int64_t n) {
+    using KV = std::remove_cv_t<std::remove_pointer_t<decltype(pb.ks.k_row(b, a, hk0))>>;
+    for (std::int64_t j = std::max(a, k_begin); j < std::min(a + n, kv_end); ++j)
+      for (std::int64_t h = hk0; h < hk0 + nh; ++h) {
+        const auto* k = pb.ks.k_row(b, j, h);
+        const auto* v = pb.ks.v_row(b, j, h);
+        tile::prefetch_l2(k, pb.dim_qk * static_cast<std::int64_t>(sizeof(KV)));
+        if (v != k) tile::prefetch_l2(v, pb.dim_v * static_cast<std::int64_t>(sizeof(KV)));
+      }
+  };
+  if constexpr (requires { mask.for_each_tile(p0, p1, k_begin, k_end, block_kv, tile_fn, prefetch_keys); }) {
+    mask.for_each_tile(p0, p1, k_begin, k_end, block_kv, tile_fn, prefetch_keys);
+  } else {
+    (void)prefetch_keys;
+    mask.for_each_tile(p0, p1, k_begin, k_end, block_kv, tile_fn);
+  }
 
   // Epilogue: O / l and LSE (natural log), real rows only.
   for (std::int64_t h = 0; h < nh; ++h)

@@ -114,9 +114,11 @@ struct sparse_mask {
   [[nodiscard]] key_bounds lane_bounds(std::int64_t pos) const noexcept { return {unbounded_lo, hi(pos)}; }
   [[nodiscard]] std::int64_t sinks() const noexcept { return 0; }
 
-  template <class F>
+  /// prefetch(a, n): the mainloop's hint that keys [a, a + n) come next (the block after the
+  /// one being visited: listed blocks are not consecutive, so hardware prefetch misses them).
+  template <class F, class Prefetch>
   void for_each_tile(std::int64_t p0, std::int64_t p1, std::int64_t k_begin, std::int64_t k_end,
-                     std::int64_t block_kv, F&& f) const {
+                     std::int64_t block_kv, F&& f, Prefetch&& prefetch) const {
     const std::int64_t qb = p0 / q_block;
     const std::int64_t all_see = hi(p0), any_sees = hi(p1 - 1);  // keys <= all_see: every row
     const std::int64_t end = std::min({k_end, seq_kv, any_sees < unbounded_hi ? any_sees + 1 : seq_kv});
@@ -138,11 +140,12 @@ struct sparse_mask {
       }
     };
     for (std::int64_t x = 0, y = 0; x < np || y < nf;) {  // merge the two ascending lists
-      if (y == nf || (x < np && pl[x] < fl[y])) {
-        block(pl[x++], false);
-      } else {
-        block(fl[y++], true);
-      }
+      const bool from_partial = y == nf || (x < np && pl[x] < fl[y]);
+      const std::int64_t kb = from_partial ? pl[x++] : fl[y++];
+      const bool more = x < np || y < nf;
+      const std::int64_t next = !more ? -1 : (y == nf || (x < np && pl[x] < fl[y])) ? pl[x] : fl[y];
+      if (next >= 0) prefetch(next * kv_block, std::min(kv_block, end - next * kv_block));
+      block(kb, !from_partial);
     }
     const std::int32_t* c0 = std::lower_bound(cl, cl + nc, k_begin);
     const std::int32_t* c1 = std::lower_bound(c0, cl + nc, end);

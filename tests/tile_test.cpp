@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include <headwise/tile/tile.hpp>
@@ -614,6 +615,112 @@ TEST(Mma, RandomValuesMatchDoubleWithinAccumulationBound) {
       }
   }
 }
+
+// Key-lane microkernels (decode): S[r][j] = Q[r]·K[j] folded across lanes, and O[r] += P[r][j]·V[j],
+// with K/V rows read in place through row pointers in their storage dtype. Small integers are
+// exact in f32, bf16 and f16 and in every partial sum, so results must be exact.
+
+template <class T>
+T store_as(float x) {
+  if constexpr (std::is_same_v<T, headwise::bf16>) {
+    return headwise::to_bf16(x);
+  } else if constexpr (std::is_same_v<T, headwise::f16>) {
+    return headwise::to_f16(x);
+  } else {
+    return x;
+  }
+}
+
+/// n rows of dim elements stored in reverse order with gaps, as a paged or gathered tile is.
+template <class T>
+struct scattered_rows {
+  std::vector<T> data;
+  std::vector<float> value;  ///< the rows as f32, row-major (n, dim)
+  std::vector<const void*> ptr;
+  scattered_rows(std::mt19937_64& gen, std::ptrdiff_t n, std::ptrdiff_t dim) {
+    const std::ptrdiff_t ld = dim + 3;
+    data.resize(static_cast<std::size_t>(n * ld));
+    value.resize(static_cast<std::size_t>(n * dim));
+    ptr.resize(static_cast<std::size_t>(n));
+    for (std::ptrdiff_t j = 0; j < n; ++j) {
+      T* row = data.data() + (n - 1 - j) * ld;
+      ptr[static_cast<std::size_t>(j)] = row;
+      for (std::ptrdiff_t d = 0; d < dim; ++d) {
+        const float x = small_int(gen);
+        row[d] = store_as<T>(x);
+        value[static_cast<std::size_t>(j * dim + d)] = x;
+      }
+    }
+  }
+};
+
+template <class T>
+void check_qk_tile_rows() {
+  std::mt19937_64 gen(41);
+  for (const std::ptrdiff_t rows : {1, 3, 4, 8, 9})
+    for (const std::ptrdiff_t n : std::vector<std::ptrdiff_t>{1, 2, 3, W - 1, W, W + 1, 2 * W + 3})
+      for (const std::ptrdiff_t dim : {1, 7, 16, 80, 129}) {
+        const std::ptrdiff_t dim_pad = (dim + W - 1) / W * W, ld_q = dim_pad + W, n_pad = (n + W - 1) / W * W;
+        const std::ptrdiff_t ld_s = n_pad + W;
+        avec q(static_cast<std::size_t>(rows * ld_q), 0.0f), s(static_cast<std::size_t>((rows + 1) * ld_s), 321.0f);
+        for (std::ptrdiff_t r = 0; r < rows; ++r)
+          for (std::ptrdiff_t d = 0; d < dim; ++d) q[static_cast<std::size_t>(r * ld_q + d)] = small_int(gen);
+        const scattered_rows<T> k(gen, n, dim);
+        tile::qk_tile_rows<A, T>(s.data(), ld_s, q.data(), ld_q, k.ptr.data(), rows, n, dim);
+        for (std::ptrdiff_t r = 0; r <= rows; ++r)
+          for (std::ptrdiff_t j = 0; j < ld_s; ++j) {
+            const float got = s[static_cast<std::size_t>(r * ld_s + j)];
+            if (r == rows || j >= n_pad) {
+              ASSERT_EQ(got, 321.0f) << "written outside the tile: rows " << rows << " n " << n << " dim " << dim;
+              continue;
+            }
+            float want = 0;
+            for (std::ptrdiff_t d = 0; d < dim && j < n; ++d)
+              want += q[static_cast<std::size_t>(r * ld_q + d)] * k.value[static_cast<std::size_t>(j * dim + d)];
+            ASSERT_EQ(got, want) << "S[" << r << "][" << j << "] rows " << rows << " n " << n << " dim " << dim;
+          }
+      }
+}
+
+TEST(Mma, KeyLaneQkRowsExactOnIntegersF32) { check_qk_tile_rows<float>(); }
+TEST(Mma, KeyLaneQkRowsExactOnIntegersBf16) { check_qk_tile_rows<headwise::bf16>(); }
+TEST(Mma, KeyLaneQkRowsExactOnIntegersF16) { check_qk_tile_rows<headwise::f16>(); }
+
+template <class T>
+void check_pv_tile_rows() {
+  std::mt19937_64 gen(43);
+  const float alphas[] = {0.0f, 0.5f, 1.0f, 2.0f};
+  for (const std::ptrdiff_t rows : {1, 3, 4, 5, 9})
+    for (const std::ptrdiff_t n : std::vector<std::ptrdiff_t>{1, 2, W - 1, W + 1, 2 * W + 3})
+      for (const std::ptrdiff_t vecs : {1, 2, 4, 5, 9}) {
+        const std::ptrdiff_t dv = vecs * W, ld_o = dv + W, ld_p = n + 5;
+        avec o(static_cast<std::size_t>((rows + 1) * ld_o), 321.0f), p(static_cast<std::size_t>(rows * ld_p)),
+            alpha(static_cast<std::size_t>(rows));
+        for (std::ptrdiff_t r = 0; r < rows; ++r)
+          for (std::ptrdiff_t c = 0; c < dv; ++c) o[static_cast<std::size_t>(r * ld_o + c)] = small_int(gen);
+        for (auto& x : p) x = small_int(gen);
+        for (auto& a : alpha) a = alphas[gen() % 4];
+        const scattered_rows<T> v(gen, n, dv);
+        const avec o0 = o;
+        tile::pv_tile_rows<A, T>(o.data(), ld_o, alpha.data(), v.ptr.data(), p.data(), ld_p, rows, vecs, n);
+        for (std::ptrdiff_t r = 0; r <= rows; ++r)
+          for (std::ptrdiff_t c = 0; c < ld_o; ++c) {
+            const std::size_t x = static_cast<std::size_t>(r * ld_o + c);
+            if (r == rows || c >= dv) {
+              ASSERT_EQ(o[x], 321.0f) << "written outside the tile: rows " << rows << " n " << n << " vecs " << vecs;
+              continue;
+            }
+            float want = alpha[static_cast<std::size_t>(r)] * o0[x];
+            for (std::ptrdiff_t j = 0; j < n; ++j)
+              want += p[static_cast<std::size_t>(r * ld_p + j)] * v.value[static_cast<std::size_t>(j * dv + c)];
+            ASSERT_EQ(o[x], want) << "O[" << r << "][" << c << "] rows " << rows << " n " << n << " vecs " << vecs;
+          }
+      }
+}
+
+TEST(Mma, KeyLanePvRowsExactOnIntegersF32) { check_pv_tile_rows<float>(); }
+TEST(Mma, KeyLanePvRowsExactOnIntegersBf16) { check_pv_tile_rows<headwise::bf16>(); }
+TEST(Mma, KeyLanePvRowsExactOnIntegersF16) { check_pv_tile_rows<headwise::f16>(); }
 
 TEST(Arch, TraitsAreConsistent) {
   EXPECT_EQ(Traits::lanes, static_cast<int>(Batch::size));

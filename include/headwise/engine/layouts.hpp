@@ -4,9 +4,10 @@
 ///
 /// query_lanes: query rows (positions x group heads) across SIMD lanes; K and V are broadcast
 ///   operands read in place. For prefill, and whenever a work item has at least a vector of rows.
-/// key_lanes: keys across SIMD lanes; K is packed D-major per tile (transposed, converted),
-///   V rows are vector operands. For decode: few query rows (g x seq_q below half a vector)
-///   against long caches, where query_lanes would leave most lanes empty.
+/// key_lanes: keys across SIMD lanes of S and P; K and V rows are read in place in their
+///   storage dtype (converted as loaded), K through per-row dot products folded across lanes.
+///   For decode: few query rows (g x seq_q below half a vector) against long caches, where
+///   query_lanes would leave most lanes empty.
 #pragma once
 
 #include <algorithm>
@@ -30,6 +31,7 @@ using aligned_vector = std::vector<T, xsimd::aligned_allocator<T, 64>>;
 struct workspace {
   aligned_vector<float> q_buf, s_buf, o_buf, m, l, alpha, lo_rel, hi_rel, k_buf, v_buf, k2_buf;
   std::vector<std::int64_t> pos, head, lane_lo, lane_hi;
+  std::vector<const void*> k_ptr, v_ptr;  ///< key-lane tiles: each key's K and V row
 
   void reserve(std::int64_t rows, std::int64_t q_elems, std::int64_t s_elems, std::int64_t o_elems,
                std::int64_t k_elems, std::int64_t v_elems) {
@@ -205,34 +207,40 @@ struct query_lanes {
 /// Keys across lanes. A work item covers `nh` KV heads (all of a sequence's heads in decode),
 /// so one KV tile's memory (consecutive tokens, every head) is read together; the heads are
 /// processed one after the other on each tile (select(h)), each with its own rows.
-/// Buffers: Q (nh·rows, dim_qk) row-major, O (nh·rows, dv_pad); per head and tile: K
-/// (dim_qk, ld_kt) D-major, S/P (rows, ld_kt), V (block_kv, dv_pad) when converted.
+/// K and V are read in place, whatever their dtype and row order (dense, paged, ragged): a tile
+/// is a list of row pointers. S[r][j] = Q[r]·K[j] accumulates along each row and folds across
+/// lanes (tile::qk_tile_rows); P·V broadcasts P and converts V rows as they are loaded.
+/// Buffers: Q (nh·rows, dqk_pad) row-major, zero-padded; O (nh·rows, dv_pad); per head and
+/// tile: S/P (rows, ld_kt); V (block_kv, dv_pad) only when dim_v is not a whole number of vectors.
 template <class Arch>
 struct key_lanes {
   static constexpr std::int64_t w = tile::arch_traits<Arch>::lanes;
   workspace& ws;
-  std::int64_t rows, nh, dqk, dv, dv_pad, ld_kt;
+  std::int64_t rows, nh, dqk, dv, dqk_pad, dv_pad, ld_kt;
   std::int64_t seg = 0;  ///< first row of the selected head
   std::int64_t n_pad = 0;
-  const float* v_rows = nullptr;
-  std::int64_t ld_v = 0;
+  enum class kind : std::uint8_t { f32, bf16, f16 };
+  kind k_kind = kind::f32, v_kind = kind::f32;
 
   key_lanes(workspace& s, std::int64_t rows_per_head, std::int64_t heads_, std::int64_t dqk_, std::int64_t dv_,
             std::int64_t bk)
-      : ws(s), rows(rows_per_head), nh(heads_), dqk(dqk_), dv(dv_), dv_pad(tile::round_up(dv_, w)),
-        ld_kt(tile::round_up(bk, w)) {}
+      : ws(s), rows(rows_per_head), nh(heads_), dqk(dqk_), dv(dv_), dqk_pad(tile::round_up(dqk_, w)),
+        dv_pad(tile::round_up(dv_, w)), ld_kt(tile::round_up(bk, w)) {}
 
   static void reserve(workspace& s, std::int64_t rows_per_head, std::int64_t heads, std::int64_t dqk,
                       std::int64_t dv, std::int64_t bk) {
     const std::int64_t ldk = tile::round_up(bk, w), dvp = tile::round_up(dv, w), all = rows_per_head * heads;
-    s.reserve(all, all * dqk, rows_per_head * ldk, all * dvp, dqk * ldk, bk * dvp);
+    s.reserve(all, all * tile::round_up(dqk, w), rows_per_head * ldk, all * dvp, 0, dv == dvp ? 0 : bk * dvp);
+    for (auto* p : {&s.k_ptr, &s.v_ptr})
+      if (static_cast<std::int64_t>(p->size()) < ldk) p->resize(static_cast<std::size_t>(ldk));
   }
   [[nodiscard]] std::int64_t heads() const noexcept { return nh; }
   [[nodiscard]] std::int64_t lanes_per_head() const noexcept { return rows; }
   [[nodiscard]] static constexpr std::int64_t lane_row(std::int64_t x) noexcept { return x; }
   [[nodiscard]] static constexpr std::int64_t row_lane(std::int64_t r) noexcept { return r; }
-  /// Decode streams the cache once: fetch the next tile while this one computes.
-  [[nodiscard]] static constexpr bool prefetch_next() noexcept { return true; }
+  /// No software prefetch: with 16-key tiles of every head the hardware prefetchers keep up,
+  /// and a prefetch window measured slower on one core and on all cores (docs/benchmarks.md).
+  [[nodiscard]] static constexpr bool prefetch_next() noexcept { return false; }
   void select(std::int64_t h) noexcept { seg = h * rows; }
 
   template <class Row>
@@ -240,32 +248,52 @@ struct key_lanes {
     float* q = ws.q_buf.data();
     for (std::int64_t r = 0; r < nh * rows; ++r) {
       const float* src = row(r);
-      for (std::int64_t d = 0; d < dqk; ++d) q[r * dqk + d] = src[d] * qf;
+      for (std::int64_t d = 0; d < dqk; ++d) q[r * dqk_pad + d] = src[d] * qf;
+      for (std::int64_t d = dqk; d < dqk_pad; ++d) q[r * dqk_pad + d] = 0.0f;
     }
     std::fill(ws.o_buf.data(), ws.o_buf.data() + nh * rows * dv_pad, 0.0f);
   }
-  /// K packed D-major (transposed, converted); V in place when f32, evenly strided and a whole
-  /// number of vectors wide, else converted into a zero-padded buffer.
+  template <class KV>
+  static constexpr kind kind_of() noexcept {
+    if constexpr (std::is_same_v<KV, bf16>) {
+      return kind::bf16;
+    } else if constexpr (std::is_same_v<KV, f16>) {
+      return kind::f16;
+    } else {
+      static_assert(std::is_same_v<KV, float>, "key_lanes: K/V storage is float, bf16 or f16");
+      return kind::f32;
+    }
+  }
+  template <class F>
+  static void with_type(kind k, F&& f) {
+    switch (k) {
+      case kind::bf16: f(bf16{}); break;
+      case kind::f16: f(f16{}); break;
+      default: f(0.0f); break;
+    }
+  }
+  /// The tile's K and V rows, in place; V converted into a zero-padded buffer only when dim_v
+  /// is not a whole number of vectors.
   template <class KV, class KRow, class VRow>
-  void load(const kv_tile_rows<KV>& t, KRow&& k_row, VRow&& v_row, std::int64_t n) {
+  void load(const kv_tile_rows<KV>& /*t*/, KRow&& k_row, VRow&& v_row, std::int64_t n) {
     n_pad = tile::round_up(n, w);
-    tile::pack_k_dmajor<Arch, KV>(ws.k_buf.data(), ld_kt, k_row, n, n_pad, dqk);
-    if constexpr (std::is_same_v<KV, float>) {
-      if (t.v != nullptr && dv == dv_pad) {
-        v_rows = t.v;
-        ld_v = t.ld_v;
-        return;
-      }
+    for (std::int64_t j = 0; j < n; ++j) ws.k_ptr[static_cast<std::size_t>(j)] = k_row(j);
+    k_kind = kind_of<KV>();
+    if (dv == dv_pad) {
+      for (std::int64_t j = 0; j < n; ++j) ws.v_ptr[static_cast<std::size_t>(j)] = v_row(j);
+      v_kind = kind_of<KV>();
+      return;
     }
     pack_rows<Arch, KV>(ws.v_buf.data(), dv_pad, v_row, n, dv);
-    v_rows = ws.v_buf.data();
-    ld_v = dv_pad;
+    for (std::int64_t j = 0; j < n; ++j) ws.v_ptr[static_cast<std::size_t>(j)] = ws.v_buf.data() + j * dv_pad;
+    v_kind = kind::f32;
   }
-  /// S = Q·Kᵀ, row-major (rows, n_pad): the query-lane microkernel with the roles swapped
-  /// (Q rows broadcast, packed K vectors).
-  void qk(std::int64_t /*n*/) {
-    tile::qk_tile<Arch>(ws.s_buf.data(), ld_kt, ws.q_buf.data() + seg * dqk, dqk, ws.k_buf.data(), ld_kt, dqk, rows,
-                        n_pad / w);
+  /// S = Q·Kᵀ, row-major (rows, n_pad).
+  void qk(std::int64_t n) {
+    with_type(k_kind, [&](auto tag) {
+      tile::qk_tile_rows<Arch, decltype(tag)>(ws.s_buf.data(), ld_kt, ws.q_buf.data() + seg * dqk_pad, dqk_pad,
+                                              ws.k_ptr.data(), rows, n, dqk);
+    });
   }
   [[nodiscard]] float* scores() const noexcept { return const_cast<float*>(ws.s_buf.data()); }
   [[nodiscard]] std::int64_t score_count(std::int64_t /*n*/) const noexcept { return rows * ld_kt; }
@@ -278,8 +306,10 @@ struct key_lanes {
   }
   /// O = α·O + P·V  (rows, dv_pad)
   void pv(std::int64_t n) {
-    tile::pv_tile_rows<Arch>(ws.o_buf.data() + seg * dv_pad, dv_pad, ws.alpha.data() + seg, v_rows, ld_v,
-                             ws.s_buf.data(), ld_kt, rows, dv_pad / w, n);
+    with_type(v_kind, [&](auto tag) {
+      tile::pv_tile_rows<Arch, decltype(tag)>(ws.o_buf.data() + seg * dv_pad, dv_pad, ws.alpha.data() + seg,
+                                              ws.v_ptr.data(), ws.s_buf.data(), ld_kt, rows, dv_pad / w, n);
+    });
   }
   /// As query_lanes::out_row: scale 0 writes exact zeros.
   void out_row(std::int64_t r, float* dst, float scale) const {

@@ -82,6 +82,20 @@ inline xsimd::batch<float, Arch> load_as_float(const T* p) noexcept {
   }
 }
 
+/// Loads n < lanes storage elements at p as f32, zero-filling the remaining lanes; never reads
+/// past p + n (the tail of a row read in place).
+template <class Arch, class T>
+inline xsimd::batch<float, Arch> load_as_float_partial(const T* p, int n) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  if constexpr (std::is_same_v<T, float>) {
+    return load_partial<Arch>(p, n);
+  } else {
+    alignas(64) T buf[B::size] = {};
+    std::memcpy(buf, p, sizeof(T) * static_cast<std::size_t>(n));
+    return load_as_float<Arch>(buf);
+  }
+}
+
 /// dst[0..n) = f32(src[0..n)): a row of K or V converted once into a packed tile buffer.
 template <class Arch, class T>
 inline void convert_row(float* dst, const T* src, std::ptrdiff_t n) noexcept {

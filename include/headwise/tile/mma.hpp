@@ -9,11 +9,15 @@
 /// no K/V transposition, and no tails on dim_qk / dim_v: only the lane count is padded.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
+#include <type_traits>
 #include <utility>
 
 #include "arch.hpp"
+#include "diagnostics.hpp"
+#include "memory.hpp"
 
 #if defined(__clang__)
 #define HEADWISE_UNROLL _Pragma("clang loop unroll(full)")
@@ -22,6 +26,8 @@
 #else
 #define HEADWISE_UNROLL
 #endif
+
+HEADWISE_DIAGNOSTICS_PUSH
 
 namespace headwise::tile {
 
@@ -208,11 +214,12 @@ inline void pv_tile(float* o, std::ptrdiff_t ld_o, const float* alpha, const flo
 
 namespace headwise::tile {
 
-/// Key-lane P·V: O_buf[r][c] = α[r]·O_buf[r][c] + Σ_j P_buf[r][j] · V[j][c] for Rows query rows
-/// and Vecs vectors of value dims, over n keys. o: (Rows, ld_o) aligned; p: (Rows, ld_p);
-/// v: n rows at stride ld_v, Vecs full vectors each (offset to the first dim); alpha: Rows.
-template <int Rows, int Vecs, class Arch>
-inline void mma_ab_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const float* v, std::ptrdiff_t ld_v,
+/// Key-lane P·V: O_buf[r][c] = α[r]·O_buf[r][c] + Σ_j P_buf[r][j] · V[j][c0 + c] for Rows query
+/// rows and Vecs vectors of value dims, over n keys. o: (Rows, ld_o) aligned; p: (Rows, ld_p);
+/// v[j]: key j's value row in its storage dtype T, read in place (converted as loaded; any
+/// row order: dense, paged or gathered), Vecs full vectors from element c0; alpha: Rows.
+template <int Rows, int Vecs, class Arch, class T>
+inline void mma_ab_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const void* const* v, std::ptrdiff_t c0,
                         const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n) noexcept {
   using B = xsimd::batch<float, Arch>;
   constexpr std::ptrdiff_t w = B::size;
@@ -224,9 +231,10 @@ inline void mma_ab_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const
     for (int u = 0; u < Vecs; ++u) acc.v[r][u] = B::load_aligned(o + r * ld_o + u * w) * a;
   }
   for (std::ptrdiff_t j = 0; j < n; ++j) {
-    reg_vec<Vecs, Arch> v_reg;  // V[j][c..c+Vecs·lanes)
+    const T* vj = static_cast<const T*>(v[j]) + c0;
+    reg_vec<Vecs, Arch> v_reg;  // V[j][c0..c0+Vecs·lanes)
     HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) v_reg.v[u] = B::load_unaligned(v + j * ld_v + u * w);
+    for (int u = 0; u < Vecs; ++u) v_reg.v[u] = load_as_float<Arch>(vj + u * w);
     HEADWISE_UNROLL
     for (int r = 0; r < Rows; ++r) {
       const B p_bc(p[r * ld_p + j]);  // broadcast P[r][j]
@@ -241,28 +249,155 @@ inline void mma_ab_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const
 }
 
 namespace detail {
-template <class Arch, int MaxRows, int MaxVecs, std::size_t... I>
-constexpr std::array<mma_ab_fn, sizeof...(I)> make_ab_rows(std::index_sequence<I...>) {
-  return {&mma_ab_rows<static_cast<int>(I) / MaxVecs + 1, static_cast<int>(I) % MaxVecs + 1, Arch>...};
+using mma_ab_rows_fn = void (*)(float*, std::ptrdiff_t, const float*, const void* const*, std::ptrdiff_t,
+                                const float*, std::ptrdiff_t, std::ptrdiff_t) noexcept;
+template <class Arch, class VT, int MaxRows, int MaxVecs, std::size_t... I>
+constexpr std::array<mma_ab_rows_fn, sizeof...(I)> make_ab_rows(std::index_sequence<I...>) {
+  return {&mma_ab_rows<static_cast<int>(I) / MaxVecs + 1, static_cast<int>(I) % MaxVecs + 1, Arch, VT>...};
 }
 }  // namespace detail
 
-/// Key-lane P·V over a whole tile: rows x (dv_vecs vectors of value dims), n keys.
-template <class Arch>
-inline void pv_tile_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const float* v, std::ptrdiff_t ld_v,
-                         const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t rows, std::ptrdiff_t dv_vecs,
-                         std::ptrdiff_t n) noexcept {
+/// Key-lane P·V over a whole tile: rows x (dv_vecs vectors of value dims), n keys; v[j] is key
+/// j's value row in storage dtype VT.
+template <class Arch, class VT>
+inline void pv_tile_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const void* const* v, const float* p,
+                         std::ptrdiff_t ld_p, std::ptrdiff_t rows, std::ptrdiff_t dv_vecs, std::ptrdiff_t n) noexcept {
   using T = arch_traits<Arch>;
   constexpr int R = T::vregs >= 32 ? 4 : 2, V = T::vregs >= 32 ? 4 : 4;
-  static constexpr auto table = detail::make_ab_rows<Arch, R, V>(std::make_index_sequence<R * V>{});
+  static constexpr auto table = detail::make_ab_rows<Arch, VT, R, V>(std::make_index_sequence<R * V>{});
   for (std::ptrdiff_t r0 = 0; r0 < rows; r0 += R) {
     const std::ptrdiff_t nr = std::min<std::ptrdiff_t>(R, rows - r0);
     for (std::ptrdiff_t c0 = 0; c0 < dv_vecs; c0 += V) {
       const std::ptrdiff_t nv = std::min<std::ptrdiff_t>(V, dv_vecs - c0);
-      table[static_cast<std::size_t>((nr - 1) * V + (nv - 1))](o + r0 * ld_o + c0 * T::lanes, ld_o, alpha + r0,
-                                                               v + c0 * T::lanes, ld_v, p + r0 * ld_p, ld_p, n);
+      table[static_cast<std::size_t>((nr - 1) * V + (nv - 1))](o + r0 * ld_o + c0 * T::lanes, ld_o, alpha + r0, v,
+                                                               c0 * T::lanes, p + r0 * ld_p, ld_p, n);
     }
   }
 }
 
+/// lanes vectors -> one vector of their horizontal sums (lane i = Σ v[i]): xsimd's haddp where
+/// the arch has it, a lane-by-lane reduction elsewhere.
+template <class Arch>
+inline xsimd::batch<float, Arch> fold_lanes(const xsimd::batch<float, Arch>* v) noexcept {
+  using B = xsimd::batch<float, Arch>;
+#if XSIMD_WITH_AVX512F
+  if constexpr (is_avx512_v<Arch>) {
+    // 16 -> 8: per 128-bit block, pair sums of v[2k] and v[2k+1] interleaved.
+    __m512 t[8];
+    for (int k = 0; k < 8; ++k)
+      t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    // 8 -> 4: per block, the block's sum of v[4m..4m+3] in order.
+    __m512 u[4];
+    for (int m = 0; m < 4; ++m)
+      u[m] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * m], t[2 * m + 1], 0x44), _mm512_shuffle_ps(t[2 * m], t[2 * m + 1], 0xEE));
+    // 4 -> 2 -> 1: add the blocks; block k of the result holds v[4k..4k+3].
+    const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
+  } else
+#endif
+  if constexpr (std::is_base_of_v<xsimd::avx, Arch> || std::is_base_of_v<xsimd::sse3, Arch>) {
+    return xsimd::haddp(v);
+  } else {
+    alignas(64) float out[B::size];
+    for (std::size_t i = 0; i < B::size; ++i) out[i] = xsimd::hadd(v[i]);
+    return B::load_aligned(out);
+  }
+}
+
+/// Key-lane S = Q·Kᵀ for Rows query rows and n <= lanes keys: S[r][j] = Σ_d Q[r][d]·K[j][d]
+/// for j < n, 0 for n <= j < lanes. q: (Rows, ld_q) aligned, zero-padded to whole vectors past
+/// dim; k[j]: key j's row in its storage dtype T, read in place (converted as loaded, never
+/// transposed; any row order). Each (row, key) dot product accumulates along the row in one vector;
+/// the lanes vectors of a row fold into one vector of S (fold_lanes).
+template <int Rows, class Arch, class T>
+inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_t ld_q, const void* const* k,
+                    std::ptrdiff_t n, std::ptrdiff_t dim) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::ptrdiff_t w = B::size;
+  const std::ptrdiff_t full = dim / w * w;
+  const int tail = static_cast<int>(dim - full);
+  B acc[Rows][w];
+  std::ptrdiff_t j = 0;
+  // KU keys at a time: each Q vector is loaded once for all of them, Rows·KU accumulators.
+  constexpr int KU = Rows <= 4 ? 4 : 2;
+  for (; j + KU <= n; j += KU) {
+    reg_tile<Rows, KU, Arch> a;
+    const T* kr[KU];
+    HEADWISE_UNROLL
+    for (int u = 0; u < KU; ++u) kr[u] = static_cast<const T*>(k[j + u]);
+    HEADWISE_UNROLL
+    for (int r = 0; r < Rows; ++r)
+      HEADWISE_UNROLL
+      for (int u = 0; u < KU; ++u) a.v[r][u] = B(0.0f);
+    auto step = [&](std::ptrdiff_t c, auto load) {
+      reg_vec<KU, Arch> x;
+      HEADWISE_UNROLL
+      for (int u = 0; u < KU; ++u) x.v[u] = load(kr[u] + c);
+      HEADWISE_UNROLL
+      for (int r = 0; r < Rows; ++r) {
+        const B qv = B::load_aligned(q + r * ld_q + c);
+        HEADWISE_UNROLL
+        for (int u = 0; u < KU; ++u) a.v[r][u] = xsimd::fma(qv, x.v[u], a.v[r][u]);
+      }
+    };
+    for (std::ptrdiff_t c = 0; c < full; c += w) step(c, [](const T* p) { return load_as_float<Arch>(p); });
+    if (tail > 0) step(full, [tail](const T* p) { return load_as_float_partial<Arch>(p, tail); });
+    HEADWISE_UNROLL
+    for (int r = 0; r < Rows; ++r)
+      HEADWISE_UNROLL
+      for (int u = 0; u < KU; ++u) acc[r][j + u] = a.v[r][u];
+  }
+  for (; j < n; ++j) {
+    reg_vec<Rows, Arch> a;
+    HEADWISE_UNROLL
+    for (int r = 0; r < Rows; ++r) a.v[r] = B(0.0f);
+    const T* k0 = static_cast<const T*>(k[j]);
+    for (std::ptrdiff_t c = 0; c < full; c += w) {
+      const B x0 = load_as_float<Arch>(k0 + c);
+      HEADWISE_UNROLL
+      for (int r = 0; r < Rows; ++r) a.v[r] = xsimd::fma(B::load_aligned(q + r * ld_q + c), x0, a.v[r]);
+    }
+    if (tail > 0) {
+      const B x0 = load_as_float_partial<Arch>(k0 + full, tail);
+      HEADWISE_UNROLL
+      for (int r = 0; r < Rows; ++r) a.v[r] = xsimd::fma(B::load_aligned(q + r * ld_q + full), x0, a.v[r]);
+    }
+    HEADWISE_UNROLL
+    for (int r = 0; r < Rows; ++r) acc[r][j] = a.v[r];
+  }
+  for (; j < w; ++j)
+    HEADWISE_UNROLL
+    for (int r = 0; r < Rows; ++r) acc[r][j] = B(0.0f);
+  HEADWISE_UNROLL
+  for (int r = 0; r < Rows; ++r) fold_lanes<Arch>(acc[r]).store_aligned(s + r * ld_s);
+}
+
+namespace detail {
+using qk_rows_fn = void (*)(float*, std::ptrdiff_t, const float*, std::ptrdiff_t, const void* const*, std::ptrdiff_t,
+                            std::ptrdiff_t) noexcept;
+template <class Arch, class KT, std::size_t... I>
+constexpr std::array<qk_rows_fn, sizeof...(I)> make_qk_rows(std::index_sequence<I...>) {
+  return {&qk_rows<static_cast<int>(I) + 1, Arch, KT>...};
+}
+}  // namespace detail
+
+/// Key-lane S = Q·Kᵀ over a whole tile: rows query rows x n keys, S (rows, ld_s) row-major with
+/// keys n..round_up(n, lanes) set to 0; k[j] is key j's row in storage dtype KT, read in place.
+template <class Arch, class KT>
+inline void qk_tile_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_t ld_q, const void* const* k,
+                         std::ptrdiff_t rows, std::ptrdiff_t n, std::ptrdiff_t dim) noexcept {
+  constexpr int R = arch_traits<Arch>::vregs >= 32 ? 8 : 4;  // accumulators: 2·R vectors
+  constexpr std::ptrdiff_t w = arch_traits<Arch>::lanes;
+  static constexpr auto table = detail::make_qk_rows<Arch, KT>(std::make_index_sequence<R>{});
+  for (std::ptrdiff_t r0 = 0; r0 < rows; r0 += R) {
+    const std::ptrdiff_t nr = std::min<std::ptrdiff_t>(R, rows - r0);
+    for (std::ptrdiff_t j0 = 0; j0 < n; j0 += w)
+      table[static_cast<std::size_t>(nr - 1)](s + r0 * ld_s + j0, ld_s, q + r0 * ld_q, ld_q, k + j0,
+                                              std::min<std::ptrdiff_t>(w, n - j0), dim);
+  }
+}
+
 }  // namespace headwise::tile
+
+HEADWISE_DIAGNOSTICS_POP

@@ -7,4 +7,3 @@
 #include "memory.hpp"
 #include "mma.hpp"
 #include "softmax.hpp"
-#include "transpose.hpp"

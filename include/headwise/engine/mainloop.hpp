@@ -91,7 +91,7 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
   // block-sparse column index), keys cols[0..n), ascending.
   auto tile_fn = [&](std::int64_t a, std::int64_t n, bool full, const std::int32_t* cols = nullptr) {
     auto key = [&](std::int64_t j) -> std::int64_t { return cols ? cols[j] : a + j; };
-    if (!cols && lay.prefetch_next()) {
+    if (!cols && prefetch_bytes > 0 && lay.prefetch_next()) {
       // Keep a window of `ahead` tokens (every head, K and V: about prefetch_bytes) on its way
       // into L2: each tile prefetches the tokens entering the window, in address order.
       using KV = std::remove_cv_t<std::remove_pointer_t<decltype(pb.ks.k_row(b, a, hk0))>>;

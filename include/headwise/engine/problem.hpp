@@ -29,15 +29,15 @@ struct problem {
 /// split_kv: keys per split of a work item that holds all of a sequence's query rows (decode,
 /// absorbed MLA, short chunks), 0 = never split; prefetch_bytes: how much of the KV cache
 /// (every head, K and V) a query-lane item that streams its sequence's cache once (absorbed
-/// MLA, short chunks) keeps on its way into L2 ahead of the tile being computed; key-lane
-/// (decode) items leave prefetching to the hardware. Splits depend only on these numbers and the shapes, never on the thread
+/// MLA, short chunks) keeps on its way into L2 ahead of the tile being computed, 0 (the
+/// default) = none, the hardware prefetchers only; key-lane (decode) items never prefetch. Splits depend only on these numbers and the shapes, never on the thread
 /// count.
 struct blocking {
   std::int64_t rows = 128;
   std::int64_t block_kv = 64;
   std::int64_t decode_block_kv = 16;
   std::int64_t split_kv = 2048;
-  std::int64_t prefetch_bytes = 192 * 1024;
+  std::int64_t prefetch_bytes = 0;
 };
 
 }  // namespace headwise::engine

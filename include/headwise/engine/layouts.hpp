@@ -11,6 +11,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -109,17 +110,23 @@ struct query_lanes {
   /// like decode, and fetches ahead.
   [[nodiscard]] bool prefetch_next() const noexcept { return stream; }
 
-  /// Q_buf[d][x] = Q[row of x][d]·qf; pad lanes 0. O = 0.
+  /// Q_buf[d][x] = Q[row of x][d]·qf; pad lanes 0. O = 0. One vector of lanes at a time, d
+  /// outer: each Q_buf row segment is written whole while the w source rows stay in L1 (lane
+  /// by lane, every store of a long row went to another line: most of a 128-head absorbed
+  /// MLA split's time on the device).
   template <class Row>
   void pack_q(Row&& row, float qf) {
     float* q = ws.q_buf.data();
-    for (std::int64_t r = 0; r < ld; ++r) {
-      if (!real_lane(r)) {
-        for (std::int64_t d = 0; d < dqk; ++d) q[d * ld + r] = 0.0f;
-        continue;
+    for (std::int64_t r0 = 0; r0 < ld; r0 += w) {
+      std::array<const float*, static_cast<std::size_t>(w)> src{};
+      for (std::int64_t i = 0; i < w; ++i) src[static_cast<std::size_t>(i)] = real_lane(r0 + i) ? row(r0 + i) : nullptr;
+      for (std::int64_t d = 0; d < dqk; ++d) {
+        float* dst = q + d * ld + r0;
+        for (std::int64_t i = 0; i < w; ++i) {
+          const float* s = src[static_cast<std::size_t>(i)];
+          dst[i] = s != nullptr ? s[d] * qf : 0.0f;
+        }
       }
-      const float* src = row(r);
-      for (std::int64_t d = 0; d < dqk; ++d) q[d * ld + r] = src[d] * qf;
     }
     std::fill(ws.o_buf.data(), ws.o_buf.data() + dv * ld, 0.0f);
   }

@@ -1,6 +1,6 @@
 /// @file
-/// @brief The two tile layouts of the mainloop. Both expose the same steps (pack_q, load, qk,
-/// scores, mask, softmax, pv, out_row), so the loop itself is written once.
+/// @brief The two tile layouts of the mainloop. Both expose the same steps (pack_q, zero_o,
+/// load, qk, scores, mask, softmax, pv, out_row), so the loop itself is written once.
 ///
 /// query_lanes: query rows (positions x group heads) across SIMD lanes; K and V are broadcast
 ///   operands read in place. For prefill, and whenever a work item has at least a vector of rows.
@@ -33,6 +33,10 @@ struct workspace {
   aligned_vector<float> q_buf, s_buf, o_buf, m, l, alpha, lo_rel, hi_rel, k_buf, v_buf, k2_buf;
   std::vector<std::int64_t> pos, head, lane_lo, lane_hi;
   std::vector<const void*> k_ptr, v_ptr;  ///< key-lane tiles: each key's K and V row
+  /// The item whose Q q_buf holds, (sequence, first KV head, p0, p1, lanes): the splits of one
+  /// q-block share it, so a thread that runs several of them packs Q once. Workspaces live for
+  /// one call, so Q and its scale cannot change under it.
+  std::array<std::int64_t, 5> q_for{-1, -1, -1, -1, -1};
 
   void reserve(std::int64_t rows, std::int64_t q_elems, std::int64_t s_elems, std::int64_t o_elems,
                std::int64_t k_elems, std::int64_t v_elems) {
@@ -110,7 +114,7 @@ struct query_lanes {
   /// like decode, and fetches ahead.
   [[nodiscard]] bool prefetch_next() const noexcept { return stream; }
 
-  /// Q_buf[d][x] = Q[row of x][d]·qf; pad lanes 0. O = 0. One vector of lanes at a time, d
+  /// Q_buf[d][x] = Q[row of x][d]·qf; pad lanes 0. One vector of lanes at a time, d
   /// outer: each Q_buf row segment is written whole while the w source rows stay in L1 (lane
   /// by lane, every store of a long row went to another line: most of a 128-head absorbed
   /// MLA split's time on the device).
@@ -128,8 +132,8 @@ struct query_lanes {
         }
       }
     }
-    std::fill(ws.o_buf.data(), ws.o_buf.data() + dv * ld, 0.0f);
   }
+  void zero_o() { std::fill(ws.o_buf.data(), ws.o_buf.data() + dv * ld, 0.0f); }
   /// K/V rows of a tile: in place for evenly strided f32 rows, else converted into buffers.
   /// With two segments, k2_row gives segment 1's keys (in place, the same stride, or converted).
   template <class KV, class KRow, class VRow, class K2Row>
@@ -258,8 +262,8 @@ struct key_lanes {
       for (std::int64_t d = 0; d < dqk; ++d) q[r * dqk_pad + d] = src[d] * qf;
       for (std::int64_t d = dqk; d < dqk_pad; ++d) q[r * dqk_pad + d] = 0.0f;
     }
-    std::fill(ws.o_buf.data(), ws.o_buf.data() + nh * rows * dv_pad, 0.0f);
   }
+  void zero_o() { std::fill(ws.o_buf.data(), ws.o_buf.data() + nh * rows * dv_pad, 0.0f); }
   template <class KV>
   static constexpr kind kind_of() noexcept {
     if constexpr (std::is_same_v<KV, bf16>) {

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -75,9 +76,14 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
     ws.lane_lo[x] = kb.lo;
     ws.lane_hi[x] = kb.hi;
   }
-  // Q·(scale·log2 e) packed once; O = 0.
-  lay.pack_q([&](std::int64_t x) { return pb.qs.row(b, ws.pos[x], pb.heads.q_head(ws.head[x])); },
-             Score::q_factor(pb.scale));
+  // Q·(scale·log2 e) packed once per q-block and thread (splits of it reuse it); O = 0.
+  const std::array<std::int64_t, 5> q_id{b, hk0, p0, p1, nh * lanes};
+  if (ws.q_for != q_id) {
+    lay.pack_q([&](std::int64_t x) { return pb.qs.row(b, ws.pos[x], pb.heads.q_head(ws.head[x])); },
+               Score::q_factor(pb.scale));
+    ws.q_for = q_id;
+  }
+  lay.zero_o();
   // (m, l) = (-inf, 0), or (sink·log2 e, 1) with a per-head sink logit (first split only).
   for (std::int64_t x = 0; x < nh * lanes; ++x) {
     const float sink = with_sinks && !pb.sink_logits.absent() ? pb.sink_logits(ws.head[x]) : neg_inf;

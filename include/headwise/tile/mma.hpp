@@ -80,6 +80,43 @@ inline void mma_abt(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_
     for (int v = 0; v < Vecs; ++v) acc.v[r][v].store_aligned(s + r * ld_s + v * w);
 }
 
+/// S_buf[j][r] = Σ_d K[j][d] · Q_buf[d][r] for Rows keys and one lane vector, the dim loop
+/// split into Phases interleaved partial sums (dims d ≡ p mod Phases), added at the end. The
+/// accumulators fill the register file with only Rows row offsets live: a Rows·Phases-key
+/// block of mma_abt<.., 1> needs as many offsets as keys, and past the general registers the
+/// compiler reloads them from the stack, a load per broadcast.
+template <int Rows, int Phases, class Arch>
+inline void mma_abt_phased(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_t ld_k, const float* q, std::ptrdiff_t ld_q,
+                           std::ptrdiff_t dim_qk) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  reg_tile<Phases, Rows, Arch> acc;  // (phase, key)
+  HEADWISE_UNROLL
+  for (int p = 0; p < Phases; ++p)
+    HEADWISE_UNROLL
+    for (int r = 0; r < Rows; ++r) acc.v[p][r] = B(0.0f);
+  std::ptrdiff_t d = 0;
+  for (; d + Phases <= dim_qk; d += Phases) {
+    HEADWISE_UNROLL
+    for (int p = 0; p < Phases; ++p) {
+      const B q_reg = B::load_aligned(q + (d + p) * ld_q);
+      HEADWISE_UNROLL
+      for (int r = 0; r < Rows; ++r) acc.v[p][r] = xsimd::fma(B(k[r * ld_k + d + p]), q_reg, acc.v[p][r]);
+    }
+  }
+  for (; d < dim_qk; ++d) {
+    const B q_reg = B::load_aligned(q + d * ld_q);
+    HEADWISE_UNROLL
+    for (int r = 0; r < Rows; ++r) acc.v[0][r] = xsimd::fma(B(k[r * ld_k + d]), q_reg, acc.v[0][r]);
+  }
+  HEADWISE_UNROLL
+  for (int r = 0; r < Rows; ++r) {
+    B sum = acc.v[0][r];
+    HEADWISE_UNROLL
+    for (int p = 1; p < Phases; ++p) sum += acc.v[p][r];
+    sum.store_aligned(s + r * ld_s);
+  }
+}
+
 /// O_buf[c][r] = α[r]·O_buf[c][r] + Σ_j V[j][c] · P_buf[j][r] for Rows value dims c and Vecs
 /// lane vectors, over n keys. o: (Rows, ld_o) aligned; v: n rows at stride ld_v (offset to
 /// the first dim c); p: (n, ld_p) aligned; alpha: lanes (aligned), the running-max rescale.
@@ -139,7 +176,7 @@ template <class Arch>
 struct lane_blocking {
   using T = arch_traits<Arch>;
   static constexpr int acc = T::rows_blk * T::vecs_blk;
-  static constexpr int narrow_rows = acc;      ///< nvec == 1
+  static constexpr int narrow_rows = acc;      ///< nvec == 1 (Q·Kᵀ: narrow_rows / 3 keys x 3 phases)
   static constexpr int half_rows = acc / 2;    ///< nvec == 2 (when the default block is wider)
 };
 
@@ -185,8 +222,11 @@ inline void qk_tile(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_
                     std::ptrdiff_t ld_q, std::ptrdiff_t dim_qk, std::ptrdiff_t n, std::ptrdiff_t nvec) noexcept {
   using T = arch_traits<Arch>;
   using L = lane_blocking<Arch>;
-  if (nvec == 1) {
-    detail::qk_blocks<Arch, L::narrow_rows, 1>(s, ld_s, k, ld_k, q, ld_q, dim_qk, n, nvec);
+  if (nvec == 1) {  // blocks of narrow_rows / 3 keys x 3 phases, the rest (< that) in one block
+    constexpr int rows = L::narrow_rows / 3;
+    std::ptrdiff_t j = 0;
+    for (; j + rows <= n; j += rows) mma_abt_phased<rows, 3, Arch>(s + j * ld_s, ld_s, k + j * ld_k, ld_k, q, ld_q, dim_qk);
+    if (j < n) detail::qk_blocks<Arch, rows, 1>(s + j * ld_s, ld_s, k + j * ld_k, ld_k, q, ld_q, dim_qk, n - j, nvec);
   } else if (nvec == 2 && T::vecs_blk > 2) {
     detail::qk_blocks<Arch, L::half_rows, 2>(s, ld_s, k, ld_k, q, ld_q, dim_qk, n, nvec);
   } else {

@@ -573,12 +573,14 @@ TEST(Mma, PvTileExactOnIntegers) {
 }
 
 TEST(Mma, RandomValuesMatchDoubleWithinAccumulationBound) {
-  // Normal values: |got - exact| <= dim·u·Σ|terms| (the standard bound for a sequential f32
-  // dot product, FMA or not), with u = 2^-24.
+  // Normal values: |got - exact| <= dim·u·Σ|terms| (the standard bound for an f32 dot product
+  // summed in any order, FMA or not), with u = 2^-24. One lane vector (nvec 1) takes the phased
+  // Q·Kᵀ kernel: 3 interleaved partial sums.
   std::mt19937_64 gen(37);
   std::normal_distribution<float> nd;
   const double u = std::ldexp(1.0, -24);
-  for (const mma_shape sh : {mma_shape{13, 3, 129}, mma_shape{64, 2, 80}, mma_shape{7, 5, 576}}) {
+  for (const mma_shape sh : {mma_shape{13, 3, 129}, mma_shape{64, 2, 80}, mma_shape{7, 5, 576}, mma_shape{64, 1, 576},
+                             mma_shape{13, 1, 80}, mma_shape{9, 1, 7}}) {
     const std::ptrdiff_t lanes = sh.nvec * W;
     avec q(static_cast<std::size_t>(sh.dim * lanes)), s(static_cast<std::size_t>(sh.n * lanes));
     std::vector<float> k(static_cast<std::size_t>(sh.n * sh.dim));

@@ -34,12 +34,13 @@ struct workspace {
   std::vector<std::int64_t> pos, head, lane_lo, lane_hi;
   std::vector<const void*> k_ptr, v_ptr;  ///< key-lane tiles: each key's K and V row
   /// The item whose Q q_buf holds, (sequence, first KV head, p0, p1, lanes): the splits of one
-  /// q-block share it, so a thread that runs several of them packs Q once. Workspaces live for
-  /// one call, so Q and its scale cannot change under it.
+  /// q-block share it, so consecutive splits of a q-block on one thread pack Q once. Valid
+  /// within one call only (Q, its scale and the head map are the call's): reserve() resets it.
   std::array<std::int64_t, 5> q_for{-1, -1, -1, -1, -1};
 
   void reserve(std::int64_t rows, std::int64_t q_elems, std::int64_t s_elems, std::int64_t o_elems,
                std::int64_t k_elems, std::int64_t v_elems) {
+    q_for.fill(-1);
     auto grow = [](auto& v, std::int64_t n) {
       if (static_cast<std::int64_t>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
     };

@@ -76,7 +76,8 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
     ws.lane_lo[x] = kb.lo;
     ws.lane_hi[x] = kb.hi;
   }
-  // Q·(scale·log2 e) packed once per q-block and thread (splits of it reuse it); O = 0.
+  // Q·(scale·log2 e) packed, unless this thread's last item was another split of the same
+  // q-block (workspace::q_for); O = 0.
   const std::array<std::int64_t, 5> q_id{b, hk0, p0, p1, nh * lanes};
   if (ws.q_for != q_id) {
     lay.pack_q([&](std::int64_t x) { return pb.qs.row(b, ws.pos[x], pb.heads.q_head(ws.head[x])); },

@@ -6,7 +6,8 @@
 /// S and P are key-major, S_buf[j][r]; O is accumulated dim-major, O_buf[c][r]. K and V are
 /// read in place, row by row: each K[j][d] and V[j][c] is one broadcast FMA operand, shared by
 /// every lane (every query row and every query head of the group). No horizontal reduction,
-/// no K/V transposition, and no tails on dim_qk / dim_v: only the lane count is padded.
+/// no K/V transposition, and no padding of dim_qk / dim_v: only the lane count is padded (the
+/// phased one-vector Q·Kᵀ kernel runs the dims left over by its phases in phase 0).
 #pragma once
 
 #include <algorithm>
@@ -223,6 +224,7 @@ inline void qk_tile(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_
   using T = arch_traits<Arch>;
   using L = lane_blocking<Arch>;
   if (nvec == 1) {  // blocks of narrow_rows / 3 keys x 3 phases, the rest (< that) in one block
+    static_assert(L::narrow_rows % 3 == 0, "qk_tile: narrow_rows must split into 3 phases");
     constexpr int rows = L::narrow_rows / 3;
     std::ptrdiff_t j = 0;
     for (; j + rows <= n; j += rows) mma_abt_phased<rows, 3, Arch>(s + j * ld_s, ld_s, k + j * ld_k, ld_k, q, ld_q, dim_qk);

@@ -112,7 +112,8 @@ struct query_lanes {
   }
   /// Prefill reuses each tile across many q-blocks and the hardware prefetchers keep up; an item
   /// that holds all the query rows (absorbed MLA decode, short chunks) streams the cache once,
-  /// like decode, and fetches ahead.
+  /// like decode, and may fetch ahead: the mainloop keeps a window only when
+  /// blocking::prefetch_bytes > 0 (default 0).
   [[nodiscard]] bool prefetch_next() const noexcept { return stream; }
 
   /// Q_buf[d][x] = Q[row of x][d]·qf; pad lanes 0. One vector of lanes at a time, d

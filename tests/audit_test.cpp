@@ -362,15 +362,16 @@ TEST(audit, audit_dense_outputs) {
 }
 
 TEST(audit, audit_dense_blocking) {
-  // Every field of engine::blocking (rows, block_kv, decode_block_kv >= 1; split_kv,
-  // prefetch_bytes >= 0), before any tensor check.
+  // Every field of engine::blocking (rows, block_kv, decode_block_kv, decode_block_kv16 >= 1;
+  // split_kv, prefetch_bytes >= 0), before any tensor check.
   using blocking = headwise::engine::blocking;
-  std::vector<blocking> bad_blk(5);
+  std::vector<blocking> bad_blk(6);
   bad_blk[0].rows = 0;
   bad_blk[1].block_kv = -1;
   bad_blk[2].decode_block_kv = 0;
   bad_blk[3].split_kv = -1;
   bad_blk[4].prefetch_bytes = -1;
+  bad_blk[5].decode_block_kv16 = 0;
   for (const blocking& blk : bad_blk) {
     dense_fx f;
     f.q.data = nullptr;  // a tensor error too: the blocking is checked first

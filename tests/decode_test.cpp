@@ -228,14 +228,14 @@ void check_splits(const split_case& c) {
     p.run_blocked(o, blk);
   };
   // One pass (never split).
-  run(blocking{128, 64, 128, 0}, 1);
+  run(blocking{128, 64, 128, 0, 0, 128}, 1);
   expect_close_to_reference(p.compare(), c.name() + " split_kv 0", tol, lse_abs);
   const std::vector<float> base_out = p.out_dense(), base_lse = p.lse;
   const double vmax = p.max_abs_v;
 
   for (const std::int64_t dbk : {16, 33, 128})
     for (const std::int64_t split : {0, 16, 100, 128, 2048}) {
-      const blocking blk{128, 64, dbk, split};
+      const blocking blk{128, 64, dbk, split, 0, dbk};  // the tile size for f32 and for 16-bit K/V
       const std::string what = c.name() + " decode_block_kv " + std::to_string(dbk) + " split_kv " +
                                std::to_string(split) + " " + options_str(o);
       run(blk, 1);

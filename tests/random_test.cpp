@@ -486,6 +486,7 @@ void draw_blocking(rng& r, const config& c, blocking& b) {
   b.split_kv = long_kv ? r.pick<std::int64_t>({0, 64, 100, 256, 2048})
                        : r.pick<std::int64_t>({0, 1, 2, 5, 16, 33, 64, 100, 256, 2048});
   b.prefetch_bytes = r.pick<std::int64_t>({0, 64, 4096, 192 * 1024});
+  b.decode_block_kv16 = b.decode_block_kv;  // not a draw of its own: the seeds keep their configurations
 }
 
 /// Reference cost (multiply-adds) of a configuration: what the draw keeps small.

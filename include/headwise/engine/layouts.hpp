@@ -251,9 +251,17 @@ struct key_lanes {
   [[nodiscard]] std::int64_t lanes_per_head() const noexcept { return rows; }
   [[nodiscard]] static constexpr std::int64_t lane_row(std::int64_t x) noexcept { return x; }
   [[nodiscard]] static constexpr std::int64_t row_lane(std::int64_t r) noexcept { return r; }
-  /// No software prefetch: with 16-key tiles of every head the hardware prefetchers keep up,
-  /// and a prefetch window measured slower on one core and on all cores (docs/benchmarks.md).
+  /// No prefetch window (prefetch_bytes): a window measured slower on one core and on all cores
+  /// (docs/benchmarks.md). 16-bit caches prefetch per head instead (prefetch_l1_next).
   [[nodiscard]] static constexpr bool prefetch_next() noexcept { return false; }
+  /// 16-bit K/V: each head's rows of the next tile are prefetched into L1 while this tile's
+  /// rows of the same head compute. On one device core this took bf16 decode from about 0.40
+  /// to 0.48 of the read bandwidth; for f32 it was slower (docs/benchmarks.md), so f32 relies
+  /// on the hardware prefetchers.
+  template <class KV>
+  [[nodiscard]] static constexpr bool prefetch_l1_next() noexcept {
+    return sizeof(KV) == 2;
+  }
   void select(std::int64_t h) noexcept { seg = h * rows; }
 
   template <class Row>

@@ -94,6 +94,7 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
   }
 
   const std::int64_t kv_end = std::min(k_end, pb.ks.len(b));
+  using kv_t = std::remove_cv_t<std::remove_pointer_t<decltype(pb.ks.k_row(b, k_begin, hk0))>>;
   // A tile is keys [a, a + n), or, when the mask gathers single keys (cols != nullptr: a
   // block-sparse column index), keys cols[0..n), ascending.
   auto tile_fn = [&](std::int64_t a, std::int64_t n, bool full, const std::int32_t* cols = nullptr) {
@@ -138,6 +139,14 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
       auto k_row = [&](std::int64_t j) { return pb.ks.k_row(b, key(j), hk); };
       auto v_row = [&](std::int64_t j) { return pb.ks.v_row(b, key(j), hk); };
       const auto rows_in_place = cols ? decltype(pb.ks.tile(b, a, n, hk)){} : pb.ks.tile(b, a, n, hk);
+      if constexpr (requires { Layout::template prefetch_l1_next<kv_t>(); }) {
+        if (Layout::template prefetch_l1_next<kv_t>() && !cols) {  // this head's rows of the next tile
+          for (std::int64_t j = a + n; j < std::min(a + 2 * n, kv_end); ++j) {
+            tile::prefetch_l1(pb.ks.k_row(b, j, hk), pb.dim_qk * static_cast<std::int64_t>(sizeof(kv_t)));
+            tile::prefetch_l1(pb.ks.v_row(b, j, hk), pb.dim_v * static_cast<std::int64_t>(sizeof(kv_t)));
+          }
+        }
+      }
       if constexpr (two_keys) {
         lay.load(rows_in_place, k_row, v_row, [&](std::int64_t j) { return pb.ks.k2_row(b, key(j), hk); }, n);
       } else {

@@ -25,19 +25,22 @@ struct problem {
 };
 
 /// Work decomposition. rows: lanes (query positions x group heads) per query-lane work item;
-/// block_kv: keys per query-lane tile; decode_block_kv: keys per key-lane (decode) tile;
+/// block_kv: keys per query-lane tile; decode_block_kv: keys per key-lane (decode) tile when K/V
+/// are stored in f32, decode_block_kv16 when they are stored in bf16/f16 (the same bytes per tile);
 /// split_kv: keys per split of a work item that holds all of a sequence's query rows (decode,
 /// absorbed MLA, short chunks), 0 = never split; prefetch_bytes: how much of the KV cache
 /// (every head, K and V) a query-lane item that streams its sequence's cache once (absorbed
 /// MLA, short chunks) keeps on its way into L2 ahead of the tile being computed, 0 (the
-/// default) = none, the hardware prefetchers only; key-lane (decode) items never prefetch. Splits depend only on these numbers and the shapes, never on the thread
-/// count.
+/// default) = none, the hardware prefetchers only (key-lane decode items ignore it: a bf16/f16
+/// cache prefetches each head's next tile into L1, an f32 cache nothing). Splits depend only on
+/// these numbers and the shapes, never on the thread count.
 struct blocking {
   std::int64_t rows = 128;
   std::int64_t block_kv = 64;
   std::int64_t decode_block_kv = 16;
   std::int64_t split_kv = 2048;
   std::int64_t prefetch_bytes = 0;
+  std::int64_t decode_block_kv16 = 32;  ///< last, so that {rows, block_kv, decode_block_kv, ...} still reads the same
 };
 
 }  // namespace headwise::engine

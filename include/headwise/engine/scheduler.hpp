@@ -168,7 +168,9 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
   const int nt = resolve_threads(num_threads, n_items);
   // Tiles never exceed the longest sequence: the same cut, no scratch for keys that do not exist.
   const std::int64_t bk_q = std::clamp<std::int64_t>(max_skv, 1, blk.block_kv);
-  const std::int64_t bk_k = std::clamp<std::int64_t>(max_skv, 1, blk.decode_block_kv);
+  using KV = std::remove_cv_t<std::remove_pointer_t<decltype(pb.ks.k_row(0, 0, 0))>>;
+  const std::int64_t bk_k =
+      std::clamp<std::int64_t>(max_skv, 1, sizeof(KV) == 2 ? blk.decode_block_kv16 : blk.decode_block_kv);
   std::vector<workspace> ws(static_cast<std::size_t>(nt));  // allocated before any work
   for (auto& x : ws) {
     if (lanes_q > 0) query_lanes<Arch>::reserve(x, lanes_q, pb.dim_qk, dv, bk_q, two_keys);

@@ -113,6 +113,13 @@ inline void prefetch_l2(const void* p, std::ptrdiff_t bytes) noexcept {
   for (std::ptrdiff_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
 }
 
+/// Prefetches `bytes` bytes at p into L1 (64-byte lines): a key-lane tile's next K/V rows of
+/// one head, a tile ahead of the compute (16-bit storage, where the hardware prefetchers fall behind).
+inline void prefetch_l1(const void* p, std::ptrdiff_t bytes) noexcept {
+  const char* c = static_cast<const char*>(p);
+  for (std::ptrdiff_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 }  // namespace headwise::tile
 
 HEADWISE_DIAGNOSTICS_POP

@@ -210,12 +210,13 @@ void attention_blocked(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tens
                        const engine::blocking& blk) {
   using KV = detail::kv_storage_t<KT>;
   const detail::checker c("headwise::attention_blocked");
-  c.require(blk.rows >= 1 && blk.block_kv >= 1 && blk.decode_block_kv >= 1 && blk.split_kv >= 0 &&
-                   blk.prefetch_bytes >= 0,
+  c.require(blk.rows >= 1 && blk.block_kv >= 1 && blk.decode_block_kv >= 1 && blk.decode_block_kv16 >= 1 &&
+                   blk.split_kv >= 0 && blk.prefetch_bytes >= 0,
                "blk",
-               "rows, block_kv, decode_block_kv >= 1 and split_kv, prefetch_bytes >= 0",
+               "rows, block_kv, decode_block_kv, decode_block_kv16 >= 1 and split_kv, prefetch_bytes >= 0",
                std::to_string(blk.rows) + ", " + std::to_string(blk.block_kv) + ", " +
-                   std::to_string(blk.decode_block_kv) + ", " + std::to_string(blk.split_kv) + ", " +
+                   std::to_string(blk.decode_block_kv) + ", " + std::to_string(blk.decode_block_kv16) + ", " +
+                   std::to_string(blk.split_kv) + ", " +
                    std::to_string(blk.prefetch_bytes));
   const auto pb = detail::check_attention<KV>(c, q, tensor_view<const KV, 4>(k), tensor_view<const KV, 4>(v), out,
                                               options, lse);

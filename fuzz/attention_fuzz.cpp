@@ -976,19 +976,21 @@ void op_dense(ctx& c, bool blocked) {
     blk.decode_block_kv = c.range<std::int64_t>(1, 20);
     blk.split_kv = c.range<std::int64_t>(0, 12);
     blk.prefetch_bytes = c.range<std::int64_t>(0, 512);
+    blk.decode_block_kv16 = blk.decode_block_kv;  // 16-bit caches get the drawn tile size too
     if (c.bad()) {
       const std::int64_t badv[] = {0, -1, kI64Min};
       switch (c.range(0, 4)) {
         case 0: blk.rows = c.pick(badv); break;
         case 1: blk.block_kv = c.pick(badv); break;
-        case 2: blk.decode_block_kv = c.pick(badv); break;
+        case 2: (c.coin(2) ? blk.decode_block_kv : blk.decode_block_kv16) = c.pick(badv); break;
         case 3: blk.split_kv = -1; break;
         default: blk.prefetch_bytes = -1; break;
       }
       c.invalid("blocking out of range");
     }
     c.log << "  blocking rows " << blk.rows << " block_kv " << blk.block_kv << " decode_block_kv "
-          << blk.decode_block_kv << " split_kv " << blk.split_kv << " prefetch " << blk.prefetch_bytes << "\n";
+          << blk.decode_block_kv << " decode_block_kv16 " << blk.decode_block_kv16 << " split_kv " << blk.split_kv
+          << " prefetch " << blk.prefetch_bytes << "\n";
   }
   c.finalize();
   c.fill(q);

@@ -204,6 +204,7 @@ headwise::engine::blocking short_splits() {
   headwise::engine::blocking b;
   b.split_kv = 64;
   b.decode_block_kv = 16;
+  b.decode_block_kv16 = 16;
   return b;
 }
 

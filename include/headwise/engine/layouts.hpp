@@ -255,8 +255,8 @@ struct key_lanes {
   /// (docs/benchmarks.md). 16-bit caches prefetch per head instead (prefetch_l1_next).
   [[nodiscard]] static constexpr bool prefetch_next() noexcept { return false; }
   /// 16-bit K/V: each head's rows of the next tile are prefetched into L1 while this tile's
-  /// rows of the same head compute. On one device core this took bf16 decode from about 0.40
-  /// to 0.48 of the read bandwidth; for f32 it was slower (docs/benchmarks.md), so f32 relies
+  /// rows of the same head compute. On one device core this (with 32-key tiles) took bf16
+  /// decode from 21.7 to 16.3 ms; for f32 it was slower (docs/benchmarks.md), so f32 relies
   /// on the hardware prefetchers.
   template <class KV>
   [[nodiscard]] static constexpr bool prefetch_l1_next() noexcept {

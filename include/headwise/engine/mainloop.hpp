@@ -140,10 +140,16 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
       auto v_row = [&](std::int64_t j) { return pb.ks.v_row(b, key(j), hk); };
       const auto rows_in_place = cols ? decltype(pb.ks.tile(b, a, n, hk)){} : pb.ks.tile(b, a, n, hk);
       if constexpr (requires { Layout::template prefetch_l1_next<kv_t>(); }) {
-        if (Layout::template prefetch_l1_next<kv_t>() && !cols) {  // this head's rows of the next tile
+        // This head's rows of the next tile, when they fit in a third of L1 (16 KiB: 32 keys of
+        // D 128 K and V, what was measured; not MLA's 576-wide latent rows).
+        const std::int64_t k_bytes = pb.dim_qk * static_cast<std::int64_t>(sizeof(kv_t));
+        const std::int64_t v_bytes = pb.dim_v * static_cast<std::int64_t>(sizeof(kv_t));
+        if (Layout::template prefetch_l1_next<kv_t>() && !cols && n * (k_bytes + v_bytes) <= 16 * 1024) {
           for (std::int64_t j = a + n; j < std::min(a + 2 * n, kv_end); ++j) {
-            tile::prefetch_l1(pb.ks.k_row(b, j, hk), pb.dim_qk * static_cast<std::int64_t>(sizeof(kv_t)));
-            tile::prefetch_l1(pb.ks.v_row(b, j, hk), pb.dim_v * static_cast<std::int64_t>(sizeof(kv_t)));
+            const auto* k = pb.ks.k_row(b, j, hk);
+            const auto* v = pb.ks.v_row(b, j, hk);
+            tile::prefetch_l1(k, k_bytes);
+            if (v != k) tile::prefetch_l1(v, v_bytes);  // V inside K: MLA
           }
         }
       }

@@ -256,7 +256,8 @@ struct key_lanes {
   [[nodiscard]] static constexpr bool prefetch_next() noexcept { return false; }
   /// 16-bit K/V: each head's rows of the next tile are prefetched into L1 while this tile's
   /// rows of the same head compute. On one device core this (with 32-key tiles) took bf16
-  /// decode from 21.7 to 16.3 ms; for f32 it was slower (docs/benchmarks.md), so f32 relies
+  /// decode from 21.7 to 16.3 ms on one instance (a tie on another); for f32 it was slower
+  /// (docs/benchmarks.md), so f32 relies
   /// on the hardware prefetchers.
   template <class KV>
   [[nodiscard]] static constexpr bool prefetch_l1_next() noexcept {

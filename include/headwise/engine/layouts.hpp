@@ -257,8 +257,7 @@ struct key_lanes {
   /// 16-bit K/V: each head's rows of the next tile are prefetched into L1 while this tile's
   /// rows of the same head compute. On one device core this (with 32-key tiles) took bf16
   /// decode from 21.7 to 16.3 ms on one instance (a tie on another); for f32 it was slower
-  /// (docs/benchmarks.md), so f32 relies
-  /// on the hardware prefetchers.
+  /// (docs/benchmarks.md), so f32 relies on the hardware prefetchers.
   template <class KV>
   [[nodiscard]] static constexpr bool prefetch_l1_next() noexcept {
     return sizeof(KV) == 2;

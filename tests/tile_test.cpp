@@ -724,6 +724,32 @@ TEST(Mma, KeyLanePvRowsExactOnIntegersF32) { check_pv_tile_rows<float>(); }
 TEST(Mma, KeyLanePvRowsExactOnIntegersBf16) { check_pv_tile_rows<headwise::bf16>(); }
 TEST(Mma, KeyLanePvRowsExactOnIntegersF16) { check_pv_tile_rows<headwise::f16>(); }
 
+// The query-lane epilogue's O transpose (query_lanes::out_rows): column l of the block comes
+// back as vector l, strides honoured; NaN and -0 pass through unchanged.
+TEST(Transpose, BlockColumnsComeBackAsVectors) {
+  const std::ptrdiff_t ld_src = W + 3;
+  std::vector<float> src(static_cast<std::size_t>(W * ld_src));
+  for (std::ptrdiff_t i = 0; i < W; ++i)
+    for (std::ptrdiff_t l = 0; l < ld_src; ++l) src[static_cast<std::size_t>(i * ld_src + l)] = static_cast<float>(i * 100 + l);
+  src[1] = kNaN;
+  src[static_cast<std::size_t>(ld_src + 2)] = -0.0f;
+  std::vector<Batch> col(static_cast<std::size_t>(W));
+  tile::transpose_block<A>(src.data(), ld_src, col.data());
+  for (std::ptrdiff_t l = 0; l < W; ++l) {
+    alignas(64) float got[W];
+    col[static_cast<std::size_t>(l)].store_aligned(got);
+    for (std::ptrdiff_t i = 0; i < W; ++i) {
+      const float want = src[static_cast<std::size_t>(i * ld_src + l)];
+      if (std::isnan(want)) {
+        ASSERT_TRUE(std::isnan(got[i])) << l << "," << i;
+      } else {
+        ASSERT_EQ(got[i], want) << l << "," << i;
+        ASSERT_EQ(std::signbit(got[i]), std::signbit(want)) << l << "," << i;
+      }
+    }
+  }
+}
+
 TEST(Arch, TraitsAreConsistent) {
   EXPECT_EQ(Traits::lanes, static_cast<int>(Batch::size));
   EXPECT_GE(Traits::alignment, sizeof(float) * static_cast<std::size_t>(W));

@@ -7,3 +7,4 @@
 #include "memory.hpp"
 #include "mma.hpp"
 #include "softmax.hpp"
+#include "transpose.hpp"

@@ -1,6 +1,6 @@
 /// @file
 /// @brief The two tile layouts of the mainloop. Both expose the same steps (pack_q, zero_o,
-/// load, qk, scores, mask, softmax, pv, out_row), so the loop itself is written once.
+/// load, qk, scores, mask, softmax, pv, out_rows), so the loop itself is written once.
 ///
 /// query_lanes: query rows (positions x group heads) across SIMD lanes; K and V are broadcast
 ///   operands read in place. For prefill, and whenever a work item has at least a vector of rows.
@@ -33,6 +33,9 @@ struct workspace {
   aligned_vector<float> q_buf, s_buf, o_buf, m, l, alpha, lo_rel, hi_rel, k_buf, v_buf, k2_buf;
   std::vector<std::int64_t> pos, head, lane_lo, lane_hi;
   std::vector<const void*> k_ptr, v_ptr;  ///< key-lane tiles: each key's K and V row
+  /// Epilogue, per lane: the output row it writes (nullptr: none, a pad lane) and its 1/l.
+  std::vector<float*> out_ptr;
+  aligned_vector<float> out_scale;
   /// The item whose Q q_buf holds, (sequence, first KV head, p0, p1, lanes): the splits of one
   /// q-block share it, so consecutive splits of a q-block on one thread pack Q once. Valid
   /// within one call only (Q, its scale and the head map are the call's): reserve() resets it.
@@ -49,8 +52,9 @@ struct workspace {
     grow(o_buf, o_elems);
     grow(k_buf, k_elems);
     grow(v_buf, v_elems);
-    for (auto* b : {&m, &l, &alpha, &lo_rel, &hi_rel}) grow(*b, rows);
+    for (auto* b : {&m, &l, &alpha, &lo_rel, &hi_rel, &out_scale}) grow(*b, rows);
     for (auto* b : {&pos, &head, &lane_lo, &lane_hi}) grow(*b, rows);
+    grow(out_ptr, rows);
   }
   void reserve_k2(std::int64_t k_elems) {
     if (static_cast<std::int64_t>(k2_buf.size()) < k_elems) k2_buf.resize(static_cast<std::size_t>(k_elems));
@@ -205,15 +209,33 @@ struct query_lanes {
   void pv(std::int64_t n) {
     tile::pv_tile<Arch>(ws.o_buf.data(), ld, ws.alpha.data(), v_rows, ld_v, ws.s_buf.data(), ld, dv, n, nvec);
   }
-  /// Row r of O times scale (1/l); scale 0 (no visible key) writes exact zeros, whatever O
-  /// holds (0·NaN from a non-finite V row of a tile the lane saw no key of).
-  void out_row(std::int64_t r, float* dst, float scale) const {
+  /// Epilogue: row x of O times ws.out_scale[x] (1/l) into ws.out_ptr[x], for every lane with
+  /// an output row; scale 0 (no visible key) writes exact zeros, whatever O holds (0·NaN from a
+  /// non-finite V row of a tile the lane saw no key of). O is (dv, ld): a lanes x lanes block is
+  /// transposed in registers (tile::transpose_block) and each lane's vector stored in its row.
+  /// Reading a lane's column of O element by element (a stride of ld floats) was a tenth of a
+  /// 128-head absorbed MLA split on the development VM.
+  void out_rows(std::int64_t /*h*/) const {
+    using B = xsimd::batch<float, Arch>;
     const float* o = ws.o_buf.data();
-    if (scale == 0.0f) {
-      for (std::int64_t c = 0; c < dv; ++c) dst[c] = 0.0f;
-      return;
+    const std::int64_t dv_full = dv / w * w;
+    for (std::int64_t x0 = 0; x0 < ld; x0 += w) {
+      float* const* dst = ws.out_ptr.data() + x0;
+      const float* sc = ws.out_scale.data() + x0;
+      if (std::none_of(dst, dst + w, [](const float* p) { return p != nullptr; })) continue;
+      for (std::int64_t c0 = 0; c0 < dv_full; c0 += w) {
+        std::array<B, static_cast<std::size_t>(w)> col;
+        tile::transpose_block<Arch>(o + c0 * ld + x0, ld, col.data());
+        for (std::int64_t i = 0; i < w; ++i) {
+          if (dst[i] == nullptr) continue;
+          const B v = sc[i] == 0.0f ? B(0.0f) : col[static_cast<std::size_t>(i)] * B(sc[i]);
+          v.store_unaligned(dst[i] + c0);
+        }
+      }
+      for (std::int64_t c = dv_full; c < dv; ++c)
+        for (std::int64_t i = 0; i < w; ++i)
+          if (dst[i] != nullptr) dst[i][c] = sc[i] == 0.0f ? 0.0f : o[c * ld + x0 + i] * sc[i];
     }
-    for (std::int64_t c = 0; c < dv; ++c) dst[c] = o[c * ld + r] * scale;
   }
 };
 
@@ -332,7 +354,13 @@ struct key_lanes {
                                               ws.v_ptr.data(), ws.s_buf.data(), ld_kt, rows, dv_pad / w, n);
     });
   }
-  /// As query_lanes::out_row: scale 0 writes exact zeros.
+  /// Epilogue: head h's rows of O (row-major already) into their output rows, as
+  /// query_lanes::out_rows.
+  void out_rows(std::int64_t h) const {
+    for (std::int64_t x = h * rows; x < (h + 1) * rows; ++x)
+      if (float* dst = ws.out_ptr[static_cast<std::size_t>(x)]) out_row(x, dst, ws.out_scale[static_cast<std::size_t>(x)]);
+  }
+  /// Row r of O times scale; scale 0 writes exact zeros.
   void out_row(std::int64_t r, float* dst, float scale) const {
     const float* o = ws.o_buf.data() + r * dv_pad;
     if (scale == 0.0f) {

@@ -188,14 +188,19 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
     mask.for_each_tile(p0, p1, k_begin, k_end, block_kv, tile_fn);
   }
 
-  // Epilogue: O / l and LSE (natural log), real rows only.
-  for (std::int64_t h = 0; h < nh; ++h)
+  // Epilogue: O / l and LSE (natural log), real rows only; the layout writes each head's rows
+  // (lanes without a row, pad lanes, have no output pointer).
+  for (std::int64_t h = 0; h < nh; ++h) {
+    std::fill(ws.out_ptr.begin() + h * lanes, ws.out_ptr.begin() + (h + 1) * lanes, nullptr);
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t x = h * lanes + lay.row_lane(r), out = h * rows + r;
       const tile::softmax_result res = tile::softmax_finalize(ws.m[x], ws.l[x]);
-      lay.out_row(x, target.row(out, ws.pos[x], ws.head[x]), res.inv_l);
+      ws.out_ptr[static_cast<std::size_t>(x)] = target.row(out, ws.pos[x], ws.head[x]);
+      ws.out_scale[static_cast<std::size_t>(x)] = res.inv_l;
       target.set_lse(out, ws.pos[x], ws.head[x], res.lse);
     }
+    lay.out_rows(h);
+  }
   target.done(hk0, nh, p0, p1);
 }
 

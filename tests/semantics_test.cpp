@@ -8,6 +8,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/testing.hpp"
@@ -86,6 +87,54 @@ headwise::attention_options causal() {
 }
 
 // NaN in one query row reaches only that row's output and LSE.
+// Scratch kept between calls (README, "Scratch memory"): a call after calls of other shapes,
+// after headwise::release_scratch(), and on a fresh thread gives bitwise the same result.
+TEST(semantics, scratch_kept_between_calls_changes_no_result) {
+  std::mt19937 gen(7);
+  std::normal_distribution<float> nd;
+  auto fill = [&](std::vector<float>& v) {
+    for (auto& x : v) x = nd(gen);
+  };
+  // One decode call (key lanes, splits) and one MLA-like call (query lanes, splits).
+  std::vector<float> q1(4 * 128), k1(3000 * 2 * 128), v1(3000 * 2 * 128), q2(1 * 1 * 32 * 80), k2(700 * 80),
+      v2(700 * 72), big_q(64 * 8 * 64), big_k(512 * 8 * 64);
+  for (auto* v : {&q1, &k1, &v1, &q2, &k2, &v2, &big_q, &big_k}) fill(*v);
+  headwise::attention_options opt;
+  opt.causal = headwise::causal_mode::bottom_right;
+  auto call = [&](std::vector<float>& o1, std::vector<float>& o2) {
+    o1.assign(4 * 128, -1.0f);
+    o2.assign(32 * 72, -1.0f);
+    headwise::attention(bshd<const float>(q1.data(), 1, 1, 4, 128), bshd<const float>(k1.data(), 1, 3000, 2, 128),
+                        bshd<const float>(v1.data(), 1, 3000, 2, 128), bshd<float>(o1.data(), 1, 1, 4, 128), opt);
+    headwise::attention(bshd<const float>(q2.data(), 1, 1, 32, 80), bshd<const float>(k2.data(), 1, 700, 1, 80),
+                        bshd<const float>(v2.data(), 1, 700, 1, 72), bshd<float>(o2.data(), 1, 1, 32, 72), opt);
+  };
+  std::vector<float> first1, first2, again1, again2, after1, after2, fresh1, fresh2;
+  headwise::release_scratch();
+  call(first1, first2);
+  {  // another shape fills the scratch with other data
+    std::vector<float> big_o(64 * 8 * 64);
+    headwise::attention(bshd<const float>(big_q.data(), 1, 64, 8, 64), bshd<const float>(big_k.data(), 1, 512, 8, 64),
+                        bshd<const float>(big_k.data(), 1, 512, 8, 64), bshd<float>(big_o.data(), 1, 64, 8, 64), opt);
+  }
+  call(again1, again2);
+  headwise::release_scratch();
+  call(after1, after2);
+  std::thread([&] { call(fresh1, fresh2); }).join();
+  for (const auto* r : {&again1, &after1, &fresh1}) EXPECT_EQ(*r, first1);
+  for (const auto* r : {&again2, &after2, &fresh2}) EXPECT_EQ(*r, first2);
+  // And the kept result is the right one (fp64 reference, f32 tolerances of the suites).
+  std::vector<float> ref1(first1.size()), ref2(first2.size());
+  headwise::reference::attention(bshd<const float>(q1.data(), 1, 1, 4, 128), bshd<const float>(k1.data(), 1, 3000, 2, 128),
+                                 bshd<const float>(v1.data(), 1, 3000, 2, 128), bshd<float>(ref1.data(), 1, 1, 4, 128),
+                                 opt);
+  headwise::reference::attention(bshd<const float>(q2.data(), 1, 1, 32, 80), bshd<const float>(k2.data(), 1, 700, 1, 80),
+                                 bshd<const float>(v2.data(), 1, 700, 1, 72), bshd<float>(ref2.data(), 1, 1, 32, 72),
+                                 opt);
+  EXPECT_TRUE(hwt::AllClose(first1, ref1, 1e-4, 1e-5));
+  EXPECT_TRUE(hwt::AllClose(first2, ref2, 1e-4, 1e-5));
+}
+
 TEST(semantics, nan_in_q_reaches_only_its_row) {
   for (const auto& [sq, skv] : {std::pair<std::int64_t, std::int64_t>{150, 150}, {2, 5000}}) {
     dense clean(sq, skv, 4, 2, 32, 1);

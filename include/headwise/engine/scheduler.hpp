@@ -113,18 +113,28 @@ struct split_group {
 /// Scratch that outlives a call, one per calling thread (thread_local): the workspaces of the
 /// call's OpenMP threads and the split-KV partial states. Allocated per call, they were zeroed
 /// and, past the allocator's thresholds, page-faulted in again on every call: on the
-/// development VM a 16-head absorbed MLA call (8192 keys, 1.9 ms) took 1.2 ms longer when the
-/// allocator returned that memory between calls. It only grows; it is freed at thread exit.
-/// Each buffer is written before it is read within a call (workspace::reserve resets what
-/// records the last item), so nothing depends on what an earlier call left in it.
+/// development VM a 16-head absorbed MLA call (8192 keys) took 1.9-3.1 ms that way against
+/// 1.7 ms with the scratch kept. It only grows; it is freed at thread exit or by
+/// headwise::release_scratch(). Results never depend on what an earlier call left in it: what
+/// a call reads it has written first, or (pad columns) does not use (workspace::reserve resets
+/// q_for, the record of an earlier item).
 struct call_scratch {
   std::vector<workspace> ws;
   aligned_vector<float> partial;
+  bool busy = false;  ///< a call on this thread is using it (a nested call takes its own)
 };
 inline call_scratch& thread_scratch() {
   thread_local call_scratch scratch;
   return scratch;
 }
+/// Marks a scratch busy for one call.
+struct scratch_claim {
+  call_scratch& s;
+  explicit scratch_claim(call_scratch& x) noexcept : s(x) { s.busy = true; }
+  ~scratch_claim() { s.busy = false; }
+  scratch_claim(const scratch_claim&) = delete;
+  scratch_claim& operator=(const scratch_claim&) = delete;
+};
 
 /// Runs every work item of the problem through the mainloop.
 template <class Arch, class QS, class KS, class MaskSpec, class Score>
@@ -187,7 +197,11 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
   using KV = std::remove_cv_t<std::remove_pointer_t<decltype(pb.ks.k_row(0, 0, 0))>>;
   const std::int64_t bk_k =
       std::clamp<std::int64_t>(max_skv, 1, sizeof(KV) == 2 ? blk.decode_block_kv16 : blk.decode_block_kv);
-  call_scratch& scratch = thread_scratch();  // sized before any work
+  // Sized before any work. Should a call ever start while another on this thread holds the
+  // thread's scratch (nothing in headwise does that), it runs on a scratch of its own.
+  call_scratch own;
+  call_scratch& scratch = thread_scratch().busy ? own : thread_scratch();
+  const scratch_claim claim(scratch);
   if (static_cast<int>(scratch.ws.size()) < nt) scratch.ws.resize(static_cast<std::size_t>(nt));
   std::vector<workspace>& ws = scratch.ws;
   for (int t = 0; t < nt; ++t) {

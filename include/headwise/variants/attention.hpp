@@ -203,6 +203,16 @@ void attention(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_view<
   detail::run_attention<tile::default_arch>(pb, options, default_blocking());
 }
 
+/// Frees the calling thread's scratch: the tile buffers and split-KV partial states that every
+/// call on this thread keeps for the next one (README, "Scratch memory"). The next call
+/// allocates it again. For long-lived threads after an unusually large call; never needed
+/// for correctness. Must not run while this thread is inside a headwise call (it cannot be:
+/// headwise calls no user code).
+inline void release_scratch() noexcept {
+  engine::call_scratch& s = engine::thread_scratch();
+  if (!s.busy) s = engine::call_scratch{};
+}
+
 /// attention() with an explicit work decomposition (benchmarks and tuning).
 template <class KT, class VT>
 void attention_blocked(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tensor_view<VT, 4> v,

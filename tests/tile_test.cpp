@@ -656,68 +656,89 @@ struct scattered_rows {
   }
 };
 
+/// The `next` rows the key-lane kernels prefetch: other scattered rows, every third entry none.
+template <class T>
+struct next_rows_of {
+  scattered_rows<T> rows;
+  std::vector<const void*> ptr;
+  next_rows_of(std::mt19937_64& gen, std::ptrdiff_t n, std::ptrdiff_t dim) : rows(gen, n, dim), ptr(rows.ptr) {
+    for (std::size_t j = 2; j < ptr.size(); j += 3) ptr[j] = nullptr;
+  }
+};
+
+/// S is exact on small integers, with and without rows to prefetch (`next`, which must change
+/// nothing).
 template <class T>
 void check_qk_tile_rows() {
   std::mt19937_64 gen(41);
-  for (const std::ptrdiff_t rows : {1, 3, 4, 8, 9})
-    for (const std::ptrdiff_t n : std::vector<std::ptrdiff_t>{1, 2, 3, W - 1, W, W + 1, 2 * W + 3})
-      for (const std::ptrdiff_t dim : {1, 7, 16, 80, 129}) {
-        const std::ptrdiff_t dim_pad = (dim + W - 1) / W * W, ld_q = dim_pad + W, n_pad = (n + W - 1) / W * W;
-        const std::ptrdiff_t ld_s = n_pad + W;
-        avec q(static_cast<std::size_t>(rows * ld_q), 0.0f), s(static_cast<std::size_t>((rows + 1) * ld_s), 321.0f);
-        for (std::ptrdiff_t r = 0; r < rows; ++r)
-          for (std::ptrdiff_t d = 0; d < dim; ++d) q[static_cast<std::size_t>(r * ld_q + d)] = small_int(gen);
-        const scattered_rows<T> k(gen, n, dim);
-        tile::qk_tile_rows<A, T>(s.data(), ld_s, q.data(), ld_q, k.ptr.data(), rows, n, dim);
-        for (std::ptrdiff_t r = 0; r <= rows; ++r)
-          for (std::ptrdiff_t j = 0; j < ld_s; ++j) {
-            const float got = s[static_cast<std::size_t>(r * ld_s + j)];
-            if (r == rows || j >= n_pad) {
-              ASSERT_EQ(got, 321.0f) << "written outside the tile: rows " << rows << " n " << n << " dim " << dim;
-              continue;
+  for (const bool with_next : {false, true}) {
+    for (const std::ptrdiff_t rows : {1, 3, 4, 8, 9})
+      for (const std::ptrdiff_t n : std::vector<std::ptrdiff_t>{1, 2, 3, W - 1, W, W + 1, 2 * W + 3})
+        for (const std::ptrdiff_t dim : {1, 7, 16, 80, 129}) {
+          const std::ptrdiff_t dim_pad = (dim + W - 1) / W * W, ld_q = dim_pad + W, n_pad = (n + W - 1) / W * W;
+          const std::ptrdiff_t ld_s = n_pad + W;
+          avec q(static_cast<std::size_t>(rows * ld_q), 0.0f), s(static_cast<std::size_t>((rows + 1) * ld_s), 321.0f);
+          for (std::ptrdiff_t r = 0; r < rows; ++r)
+            for (std::ptrdiff_t d = 0; d < dim; ++d) q[static_cast<std::size_t>(r * ld_q + d)] = small_int(gen);
+          const scattered_rows<T> k(gen, n, dim);
+          const next_rows_of<T> next(gen, n, dim);
+          tile::qk_tile_rows<A, T>(s.data(), ld_s, q.data(), ld_q, k.ptr.data(), rows, n, dim,
+                                   with_next ? next.ptr.data() : nullptr);
+          for (std::ptrdiff_t r = 0; r <= rows; ++r)
+            for (std::ptrdiff_t j = 0; j < ld_s; ++j) {
+              const float got = s[static_cast<std::size_t>(r * ld_s + j)];
+              if (r == rows || j >= n_pad) {
+                ASSERT_EQ(got, 321.0f) << "written outside the tile: rows " << rows << " n " << n << " dim " << dim << " next " << with_next;
+                continue;
+              }
+              float want = 0;
+              for (std::ptrdiff_t d = 0; d < dim && j < n; ++d)
+                want += q[static_cast<std::size_t>(r * ld_q + d)] * k.value[static_cast<std::size_t>(j * dim + d)];
+              ASSERT_EQ(got, want) << "S[" << r << "][" << j << "] rows " << rows << " n " << n << " dim " << dim << " next " << with_next;
             }
-            float want = 0;
-            for (std::ptrdiff_t d = 0; d < dim && j < n; ++d)
-              want += q[static_cast<std::size_t>(r * ld_q + d)] * k.value[static_cast<std::size_t>(j * dim + d)];
-            ASSERT_EQ(got, want) << "S[" << r << "][" << j << "] rows " << rows << " n " << n << " dim " << dim;
-          }
-      }
+        }
+  }
 }
 
 TEST(Mma, KeyLaneQkRowsExactOnIntegersF32) { check_qk_tile_rows<float>(); }
 TEST(Mma, KeyLaneQkRowsExactOnIntegersBf16) { check_qk_tile_rows<headwise::bf16>(); }
 TEST(Mma, KeyLaneQkRowsExactOnIntegersF16) { check_qk_tile_rows<headwise::f16>(); }
 
+/// O = α·O + P·V is exact on small integers, with and without rows to prefetch (`next`).
 template <class T>
 void check_pv_tile_rows() {
   std::mt19937_64 gen(43);
   const float alphas[] = {0.0f, 0.5f, 1.0f, 2.0f};
-  for (const std::ptrdiff_t rows : {1, 3, 4, 5, 9})
-    for (const std::ptrdiff_t n : std::vector<std::ptrdiff_t>{1, 2, W - 1, W + 1, 2 * W + 3})
-      for (const std::ptrdiff_t vecs : {1, 2, 4, 5, 9}) {
-        const std::ptrdiff_t dv = vecs * W, ld_o = dv + W, ld_p = n + 5;
-        avec o(static_cast<std::size_t>((rows + 1) * ld_o), 321.0f), p(static_cast<std::size_t>(rows * ld_p)),
-            alpha(static_cast<std::size_t>(rows));
-        for (std::ptrdiff_t r = 0; r < rows; ++r)
-          for (std::ptrdiff_t c = 0; c < dv; ++c) o[static_cast<std::size_t>(r * ld_o + c)] = small_int(gen);
-        for (auto& x : p) x = small_int(gen);
-        for (auto& a : alpha) a = alphas[gen() % 4];
-        const scattered_rows<T> v(gen, n, dv);
-        const avec o0 = o;
-        tile::pv_tile_rows<A, T>(o.data(), ld_o, alpha.data(), v.ptr.data(), p.data(), ld_p, rows, vecs, n);
-        for (std::ptrdiff_t r = 0; r <= rows; ++r)
-          for (std::ptrdiff_t c = 0; c < ld_o; ++c) {
-            const std::size_t x = static_cast<std::size_t>(r * ld_o + c);
-            if (r == rows || c >= dv) {
-              ASSERT_EQ(o[x], 321.0f) << "written outside the tile: rows " << rows << " n " << n << " vecs " << vecs;
-              continue;
+  for (const bool with_next : {false, true}) {
+    for (const std::ptrdiff_t rows : {1, 3, 4, 5, 9})
+      for (const std::ptrdiff_t n : std::vector<std::ptrdiff_t>{1, 2, W - 1, W + 1, 2 * W + 3})
+        for (const std::ptrdiff_t vecs : {1, 2, 4, 5, 9}) {
+          const std::ptrdiff_t dv = vecs * W, ld_o = dv + W, ld_p = n + 5;
+          avec o(static_cast<std::size_t>((rows + 1) * ld_o), 321.0f), p(static_cast<std::size_t>(rows * ld_p)),
+              alpha(static_cast<std::size_t>(rows));
+          for (std::ptrdiff_t r = 0; r < rows; ++r)
+            for (std::ptrdiff_t c = 0; c < dv; ++c) o[static_cast<std::size_t>(r * ld_o + c)] = small_int(gen);
+          for (auto& x : p) x = small_int(gen);
+          for (auto& a : alpha) a = alphas[gen() % 4];
+          const scattered_rows<T> v(gen, n, dv);
+          const next_rows_of<T> next(gen, n, dv);
+          const avec o0 = o;
+          tile::pv_tile_rows<A, T>(o.data(), ld_o, alpha.data(), v.ptr.data(), p.data(), ld_p, rows, vecs, n,
+                                   with_next ? next.ptr.data() : nullptr);
+          for (std::ptrdiff_t r = 0; r <= rows; ++r)
+            for (std::ptrdiff_t c = 0; c < ld_o; ++c) {
+              const std::size_t x = static_cast<std::size_t>(r * ld_o + c);
+              if (r == rows || c >= dv) {
+                ASSERT_EQ(o[x], 321.0f) << "written outside the tile: rows " << rows << " n " << n << " vecs " << vecs << " next " << with_next;
+                continue;
+              }
+              float want = alpha[static_cast<std::size_t>(r)] * o0[x];
+              for (std::ptrdiff_t j = 0; j < n; ++j)
+                want += p[static_cast<std::size_t>(r * ld_p + j)] * v.value[static_cast<std::size_t>(j * dv + c)];
+              ASSERT_EQ(o[x], want) << "O[" << r << "][" << c << "] rows " << rows << " n " << n << " vecs " << vecs << " next " << with_next;
             }
-            float want = alpha[static_cast<std::size_t>(r)] * o0[x];
-            for (std::ptrdiff_t j = 0; j < n; ++j)
-              want += p[static_cast<std::size_t>(r * ld_p + j)] * v.value[static_cast<std::size_t>(j * dv + c)];
-            ASSERT_EQ(o[x], want) << "O[" << r << "][" << c << "] rows " << rows << " n " << n << " vecs " << vecs;
-          }
-      }
+        }
+  }
 }
 
 TEST(Mma, KeyLanePvRowsExactOnIntegersF32) { check_pv_tile_rows<float>(); }

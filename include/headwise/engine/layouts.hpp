@@ -33,6 +33,7 @@ struct workspace {
   aligned_vector<float> q_buf, s_buf, o_buf, m, l, alpha, lo_rel, hi_rel, k_buf, v_buf, k2_buf;
   std::vector<std::int64_t> pos, head, lane_lo, lane_hi;
   std::vector<const void*> k_ptr, v_ptr;  ///< key-lane tiles: each key's K and V row
+  std::vector<const void*> k_next, v_next;  ///< key-lane tiles: the rows read next (prefetched)
   /// Epilogue, per lane: the output row it writes (nullptr: none, a pad lane) and its 1/l.
   std::vector<float*> out_ptr;
   aligned_vector<float> out_scale;
@@ -254,6 +255,7 @@ struct key_lanes {
   std::int64_t rows, nh, dqk, dv, dqk_pad, dv_pad, ld_kt;
   std::int64_t seg = 0;  ///< first row of the selected head
   std::int64_t n_pad = 0;
+  bool has_next = false;  ///< ws.k_next / v_next hold the rows read after this tile's head
   enum class kind : std::uint8_t { f32, bf16, f16 };
   kind k_kind = kind::f32, v_kind = kind::f32;
 
@@ -266,7 +268,7 @@ struct key_lanes {
                       std::int64_t dv, std::int64_t bk) {
     const std::int64_t ldk = tile::round_up(bk, w), dvp = tile::round_up(dv, w), all = rows_per_head * heads;
     s.reserve(all, all * tile::round_up(dqk, w), rows_per_head * ldk, all * dvp, 0, dv == dvp ? 0 : bk * dvp);
-    for (auto* p : {&s.k_ptr, &s.v_ptr})
+    for (auto* p : {&s.k_ptr, &s.v_ptr, &s.k_next, &s.v_next})
       if (static_cast<std::int64_t>(p->size()) < ldk) p->resize(static_cast<std::size_t>(ldk));
   }
   [[nodiscard]] std::int64_t heads() const noexcept { return nh; }
@@ -274,17 +276,28 @@ struct key_lanes {
   [[nodiscard]] static constexpr std::int64_t lane_row(std::int64_t x) noexcept { return x; }
   [[nodiscard]] static constexpr std::int64_t row_lane(std::int64_t r) noexcept { return r; }
   /// No prefetch window (prefetch_bytes): a window measured slower on one core and on all cores
-  /// (docs/benchmarks.md). 16-bit caches prefetch per head instead (prefetch_l1_next).
+  /// (docs/benchmarks.md). The kernels prefetch the rows read next instead (next_rows).
   [[nodiscard]] static constexpr bool prefetch_next() noexcept { return false; }
-  /// 16-bit K/V: each head's rows of the next tile are prefetched into L1 while this tile's
-  /// rows of the same head compute. On one device core this (with 32-key tiles) took bf16
-  /// decode from 21.7 to 16.3 ms on one instance (a tie on another); for f32 it was slower
-  /// (docs/benchmarks.md), so f32 relies on the hardware prefetchers.
-  template <class KV>
-  [[nodiscard]] static constexpr bool prefetch_l1_next() noexcept {
-    return sizeof(KV) == 2;
+  void select(std::int64_t h) noexcept {
+    seg = h * rows;
+    has_next = false;
   }
-  void select(std::int64_t h) noexcept { seg = h * rows; }
+  /// The n_next rows the mainloop reads after this head's tile (the next head's, or the next
+  /// tile's first head's): qk and pv prefetch key j's next K and V row into L2 as they compute
+  /// key j, a few lines at a time, instead of leaving the next rows to the hardware
+  /// prefetchers, which do not run far enough ahead. V inside K (MLA) is fetched once.
+  template <class KRow, class VRow>
+  void next_rows(std::int64_t n_next, KRow&& k_row, VRow&& v_row) {
+    has_next = n_next > 0;
+    if (!has_next) return;
+    for (std::int64_t j = 0; j < ld_kt; ++j) {
+      const auto u = static_cast<std::size_t>(j);
+      const void* k = j < n_next ? static_cast<const void*>(k_row(j)) : nullptr;
+      const void* v = j < n_next ? static_cast<const void*>(v_row(j)) : nullptr;
+      ws.k_next[u] = k;
+      ws.v_next[u] = v == k ? nullptr : v;
+    }
+  }
 
   template <class Row>
   void pack_q(Row&& row, float qf) {
@@ -335,7 +348,7 @@ struct key_lanes {
   void qk(std::int64_t n) {
     with_type(k_kind, [&](auto tag) {
       tile::qk_tile_rows<Arch, decltype(tag)>(ws.s_buf.data(), ld_kt, ws.q_buf.data() + seg * dqk_pad, dqk_pad,
-                                              ws.k_ptr.data(), rows, n, dqk);
+                                              ws.k_ptr.data(), rows, n, dqk, has_next ? ws.k_next.data() : nullptr);
     });
   }
   [[nodiscard]] float* scores() const noexcept { return const_cast<float*>(ws.s_buf.data()); }
@@ -351,7 +364,8 @@ struct key_lanes {
   void pv(std::int64_t n) {
     with_type(v_kind, [&](auto tag) {
       tile::pv_tile_rows<Arch, decltype(tag)>(ws.o_buf.data() + seg * dv_pad, dv_pad, ws.alpha.data() + seg,
-                                              ws.v_ptr.data(), ws.s_buf.data(), ld_kt, rows, dv_pad / w, n);
+                                              ws.v_ptr.data(), ws.s_buf.data(), ld_kt, rows, dv_pad / w, n,
+                                              has_next ? ws.v_next.data() : nullptr);
     });
   }
   /// Epilogue: head h's rows of O (row-major already) into their output rows, as

@@ -94,7 +94,6 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
   }
 
   const std::int64_t kv_end = std::min(k_end, pb.ks.len(b));
-  using kv_t = std::remove_cv_t<std::remove_pointer_t<decltype(pb.ks.k_row(b, k_begin, hk0))>>;
   // A tile is keys [a, a + n), or, when the mask gathers single keys (cols != nullptr: a
   // block-sparse column index), keys cols[0..n), ascending.
   auto tile_fn = [&](std::int64_t a, std::int64_t n, bool full, const std::int32_t* cols = nullptr) {
@@ -139,19 +138,21 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
       auto k_row = [&](std::int64_t j) { return pb.ks.k_row(b, key(j), hk); };
       auto v_row = [&](std::int64_t j) { return pb.ks.v_row(b, key(j), hk); };
       const auto rows_in_place = cols ? decltype(pb.ks.tile(b, a, n, hk)){} : pb.ks.tile(b, a, n, hk);
-      if constexpr (requires { Layout::template prefetch_l1_next<kv_t>(); }) {
-        // This head's rows of the next tile, when they fit in a third of L1 (16 KiB: 32 keys of
-        // D 128 K and V, what was measured; not MLA's 576-wide latent rows).
-        const std::int64_t k_bytes = pb.dim_qk * static_cast<std::int64_t>(sizeof(kv_t));
-        const std::int64_t v_bytes = pb.dim_v * static_cast<std::int64_t>(sizeof(kv_t));
-        if (Layout::template prefetch_l1_next<kv_t>() && !cols && n * (k_bytes + v_bytes) <= 16 * 1024) {
-          for (std::int64_t j = a + n; j < std::min(a + 2 * n, kv_end); ++j) {
-            const auto* k = pb.ks.k_row(b, j, hk);
-            const auto* v = pb.ks.v_row(b, j, hk);
-            tile::prefetch_l1(k, k_bytes);
-            if (v != k) tile::prefetch_l1(v, v_bytes);  // V inside K: MLA
-          }
+      if constexpr (requires { lay.next_rows(std::int64_t{}, k_row, v_row); }) {
+        // Key lanes: the rows read after this head's, the next head's of this tile (the first
+        // head's of the next tile after the last head), go to L2 a few lines per key from inside
+        // this head's kernels, so that the fetch overlaps the FMAs (docs/benchmarks.md,
+        // 2026-12-06). A gathered tile's next tile is unknown here: nothing after its last head.
+        std::int64_t hn = hk + 1, an = a;
+        if (hn == hk0 + nh) {
+          hn = hk0;
+          an = a + n;
         }
+        const std::int64_t n_next =
+            cols != nullptr ? (an == a ? n : 0) : std::clamp<std::int64_t>(std::min(k_end, kv_end) - an, 0, n);
+        lay.next_rows(
+            n_next, [&](std::int64_t j) { return pb.ks.k_row(b, cols != nullptr ? key(j) : an + j, hn); },
+            [&](std::int64_t j) { return pb.ks.v_row(b, cols != nullptr ? key(j) : an + j, hn); });
       }
       if constexpr (two_keys) {
         lay.load(rows_in_place, k_row, v_row, [&](std::int64_t j) { return pb.ks.k2_row(b, key(j), hk); }, n);

@@ -106,18 +106,12 @@ inline void convert_row(float* dst, const T* src, std::ptrdiff_t n) noexcept {
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-/// Prefetches `bytes` bytes at p into L2 (64-byte lines): the next KV tile's rows while the
-/// current tile computes. BSHD rows are heads·dim apart, beyond the hardware prefetchers' reach.
+/// Prefetches the 64-byte lines of [p, p + bytes) into L2: a KV row that the mainloop reads
+/// soon (an unaligned row's first and last lines included).
 inline void prefetch_l2(const void* p, std::ptrdiff_t bytes) noexcept {
-  const char* c = static_cast<const char*>(p);
-  for (std::ptrdiff_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
-}
-
-/// Prefetches `bytes` bytes at p into L1 (64-byte lines): a key-lane tile's next K/V rows of
-/// one head, a tile ahead of the compute (16-bit storage, where the hardware prefetchers fall behind).
-inline void prefetch_l1(const void* p, std::ptrdiff_t bytes) noexcept {
-  const char* c = static_cast<const char*>(p);
-  for (std::ptrdiff_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+  const std::uintptr_t first = reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t{63};
+  const std::uintptr_t end = reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(bytes);
+  for (std::uintptr_t x = first; x < end; x += 64) __builtin_prefetch(reinterpret_cast<const void*>(x), 0, 2);
 }
 
 }  // namespace headwise::tile

@@ -260,9 +260,11 @@ namespace headwise::tile {
 /// rows and Vecs vectors of value dims, over n keys. o: (Rows, ld_o) aligned; p: (Rows, ld_p);
 /// v[j]: key j's value row in its storage dtype T, read in place (converted as loaded; any
 /// row order: dense, paged or gathered), Vecs full vectors from element c0; alpha: Rows.
+/// next (optional): rows read after these (nullptr entries: none); with key j, the same
+/// elements of next[j] are prefetched into L2, so the fetch runs alongside the FMAs.
 template <int Rows, int Vecs, class Arch, class T>
 inline void mma_ab_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const void* const* v, std::ptrdiff_t c0,
-                        const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n) noexcept {
+                        const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n, const void* const* next) noexcept {
   using B = xsimd::batch<float, Arch>;
   constexpr std::ptrdiff_t w = B::size;
   reg_tile<Rows, Vecs, Arch> acc;  // (Rows query rows, Vecs·lanes value dims)
@@ -274,6 +276,8 @@ inline void mma_ab_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const
   }
   for (std::ptrdiff_t j = 0; j < n; ++j) {
     const T* vj = static_cast<const T*>(v[j]) + c0;
+    if (next != nullptr && next[j] != nullptr)
+      prefetch_l2(static_cast<const T*>(next[j]) + c0, Vecs * w * static_cast<std::ptrdiff_t>(sizeof(T)));
     reg_vec<Vecs, Arch> v_reg;  // V[j][c0..c0+Vecs·lanes)
     HEADWISE_UNROLL
     for (int u = 0; u < Vecs; ++u) v_reg.v[u] = load_as_float<Arch>(vj + u * w);
@@ -292,7 +296,7 @@ inline void mma_ab_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const
 
 namespace detail {
 using mma_ab_rows_fn = void (*)(float*, std::ptrdiff_t, const float*, const void* const*, std::ptrdiff_t,
-                                const float*, std::ptrdiff_t, std::ptrdiff_t) noexcept;
+                                const float*, std::ptrdiff_t, std::ptrdiff_t, const void* const*) noexcept;
 template <class Arch, class VT, int MaxRows, int MaxVecs, std::size_t... I>
 constexpr std::array<mma_ab_rows_fn, sizeof...(I)> make_ab_rows(std::index_sequence<I...>) {
   return {&mma_ab_rows<static_cast<int>(I) / MaxVecs + 1, static_cast<int>(I) % MaxVecs + 1, Arch, VT>...};
@@ -300,10 +304,12 @@ constexpr std::array<mma_ab_rows_fn, sizeof...(I)> make_ab_rows(std::index_seque
 }  // namespace detail
 
 /// Key-lane P·V over a whole tile: rows x (dv_vecs vectors of value dims), n keys; v[j] is key
-/// j's value row in storage dtype VT.
+/// j's value row in storage dtype VT; next (optional, n entries): rows to prefetch into L2
+/// (mma_ab_rows), once.
 template <class Arch, class VT>
 inline void pv_tile_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const void* const* v, const float* p,
-                         std::ptrdiff_t ld_p, std::ptrdiff_t rows, std::ptrdiff_t dv_vecs, std::ptrdiff_t n) noexcept {
+                         std::ptrdiff_t ld_p, std::ptrdiff_t rows, std::ptrdiff_t dv_vecs, std::ptrdiff_t n,
+                         const void* const* next = nullptr) noexcept {
   using T = arch_traits<Arch>;
   constexpr int R = T::vregs >= 32 ? 4 : 2, V = T::vregs >= 32 ? 4 : 4;
   static constexpr auto table = detail::make_ab_rows<Arch, VT, R, V>(std::make_index_sequence<R * V>{});
@@ -312,7 +318,8 @@ inline void pv_tile_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, cons
     for (std::ptrdiff_t c0 = 0; c0 < dv_vecs; c0 += V) {
       const std::ptrdiff_t nv = std::min<std::ptrdiff_t>(V, dv_vecs - c0);
       table[static_cast<std::size_t>((nr - 1) * V + (nv - 1))](o + r0 * ld_o + c0 * T::lanes, ld_o, alpha + r0, v,
-                                                               c0 * T::lanes, p + r0 * ld_p, ld_p, n);
+                                                               c0 * T::lanes, p + r0 * ld_p, ld_p, n,
+                                                               r0 == 0 ? next : nullptr);
     }
   }
 }
@@ -351,14 +358,19 @@ inline xsimd::batch<float, Arch> fold_lanes(const xsimd::batch<float, Arch>* v) 
 /// for j < n, 0 for n <= j < lanes. q: (Rows, ld_q) aligned, zero-padded to whole vectors past
 /// dim; k[j]: key j's row in its storage dtype T, read in place (converted as loaded, never
 /// transposed; any row order). Each (row, key) dot product accumulates along the row in one vector;
-/// the lanes vectors of a row fold into one vector of S (fold_lanes).
+/// the lanes vectors of a row fold into one vector of S (fold_lanes). next (optional): rows
+/// read after these (nullptr entries: none), prefetched into L2 as keys j are computed.
 template <int Rows, class Arch, class T>
 inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_t ld_q, const void* const* k,
-                    std::ptrdiff_t n, std::ptrdiff_t dim) noexcept {
+                    std::ptrdiff_t n, std::ptrdiff_t dim, const void* const* next) noexcept {
   using B = xsimd::batch<float, Arch>;
   constexpr std::ptrdiff_t w = B::size;
   const std::ptrdiff_t full = dim / w * w;
   const int tail = static_cast<int>(dim - full);
+  const std::ptrdiff_t row_bytes = dim * static_cast<std::ptrdiff_t>(sizeof(T));
+  auto prefetch_next = [&](std::ptrdiff_t j) {
+    if (next != nullptr && next[j] != nullptr) prefetch_l2(next[j], row_bytes);
+  };
   B acc[Rows][w];
   std::ptrdiff_t j = 0;
   // KU keys at a time: each Q vector is loaded once for all of them, Rows·KU accumulators.
@@ -368,6 +380,7 @@ inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_
     const T* kr[KU];
     HEADWISE_UNROLL
     for (int u = 0; u < KU; ++u) kr[u] = static_cast<const T*>(k[j + u]);
+    for (int u = 0; u < KU; ++u) prefetch_next(j + u);
     HEADWISE_UNROLL
     for (int r = 0; r < Rows; ++r)
       HEADWISE_UNROLL
@@ -395,6 +408,7 @@ inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_
     HEADWISE_UNROLL
     for (int r = 0; r < Rows; ++r) a.v[r] = B(0.0f);
     const T* k0 = static_cast<const T*>(k[j]);
+    prefetch_next(j);
     for (std::ptrdiff_t c = 0; c < full; c += w) {
       const B x0 = load_as_float<Arch>(k0 + c);
       HEADWISE_UNROLL
@@ -417,7 +431,7 @@ inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_
 
 namespace detail {
 using qk_rows_fn = void (*)(float*, std::ptrdiff_t, const float*, std::ptrdiff_t, const void* const*, std::ptrdiff_t,
-                            std::ptrdiff_t) noexcept;
+                            std::ptrdiff_t, const void* const*) noexcept;
 template <class Arch, class KT, std::size_t... I>
 constexpr std::array<qk_rows_fn, sizeof...(I)> make_qk_rows(std::index_sequence<I...>) {
   return {&qk_rows<static_cast<int>(I) + 1, Arch, KT>...};
@@ -425,10 +439,12 @@ constexpr std::array<qk_rows_fn, sizeof...(I)> make_qk_rows(std::index_sequence<
 }  // namespace detail
 
 /// Key-lane S = Q·Kᵀ over a whole tile: rows query rows x n keys, S (rows, ld_s) row-major with
-/// keys n..round_up(n, lanes) set to 0; k[j] is key j's row in storage dtype KT, read in place.
+/// keys n..round_up(n, lanes) set to 0; k[j] is key j's row in storage dtype KT, read in place;
+/// next (optional, n entries): rows to prefetch into L2 (qk_rows), once.
 template <class Arch, class KT>
 inline void qk_tile_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_t ld_q, const void* const* k,
-                         std::ptrdiff_t rows, std::ptrdiff_t n, std::ptrdiff_t dim) noexcept {
+                         std::ptrdiff_t rows, std::ptrdiff_t n, std::ptrdiff_t dim,
+                         const void* const* next = nullptr) noexcept {
   constexpr int R = arch_traits<Arch>::vregs >= 32 ? 8 : 4;  // accumulators: 2·R vectors
   constexpr std::ptrdiff_t w = arch_traits<Arch>::lanes;
   static constexpr auto table = detail::make_qk_rows<Arch, KT>(std::make_index_sequence<R>{});
@@ -436,7 +452,8 @@ inline void qk_tile_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptr
     const std::ptrdiff_t nr = std::min<std::ptrdiff_t>(R, rows - r0);
     for (std::ptrdiff_t j0 = 0; j0 < n; j0 += w)
       table[static_cast<std::size_t>(nr - 1)](s + r0 * ld_s + j0, ld_s, q + r0 * ld_q, ld_q, k + j0,
-                                              std::min<std::ptrdiff_t>(w, n - j0), dim);
+                                              std::min<std::ptrdiff_t>(w, n - j0), dim,
+                                              r0 == 0 && next != nullptr ? next + j0 : nullptr);
   }
 }
 

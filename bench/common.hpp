@@ -290,12 +290,19 @@ class input_slot {
   std::string warmed_;
 };
 
+/// A benchmark input or output: 64-byte aligned, as PyTorch's CPU allocator aligns tensors
+/// (and so vLLM's KV caches). With malloc's 16-byte start, every 64-byte row load of a cache
+/// straddles two lines; one bf16 decode A/B measured that 2-8% slower on the device host and
+/// 50% slower on a Zen 5 VM (docs/benchmarks.md, 2026-12-06).
+template <class T>
+using bench_buffer = std::vector<T, xsimd::aligned_allocator<T, 64>>;
+
 /// n floats drawn from N(0, 1), converted to the storage type T (fixed seed: reproducible).
 template <class T>
-std::vector<T> random_normal(std::size_t n, std::uint32_t seed) {
+bench_buffer<T> random_normal(std::size_t n, std::uint32_t seed) {
   std::mt19937 gen(seed);
   std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<T> x(n);
+  bench_buffer<T> x(n);
   for (auto& e : x) e = headwise::from_float<T>(dist(gen));
   return x;
 }
@@ -303,10 +310,10 @@ std::vector<T> random_normal(std::size_t n, std::uint32_t seed) {
 /// Q, K, V and O of a dense [batch, seq, heads, dim] problem, K/V stored as KV.
 template <class KV>
 struct dense_inputs {
-  std::vector<float> q;  // (batch, seq_q, heads_q, dim_qk)
-  std::vector<KV> k;     // (batch, seq_kv, heads_kv, dim_qk)
-  std::vector<KV> v;     // (batch, seq_kv, heads_kv, dim_v)
-  std::vector<float> o;  // (batch, seq_q, heads_out, dim_v)
+  bench_buffer<float> q;  // (batch, seq_q, heads_q, dim_qk)
+  bench_buffer<KV> k;     // (batch, seq_kv, heads_kv, dim_qk)
+  bench_buffer<KV> v;     // (batch, seq_kv, heads_kv, dim_v)
+  bench_buffer<float> o;  // (batch, seq_q, heads_out, dim_v)
 
   explicit dense_inputs(const shape& s)
       : q(random_normal<float>(static_cast<std::size_t>(s.batch * s.seq_q * s.heads_q * s.dim_qk), 1)),

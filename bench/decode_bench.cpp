@@ -37,8 +37,8 @@ shape paged(shape s, std::int64_t page_size) {
 /// A paged cache holding the same tokens as dense_inputs, pages scattered by a fixed shuffle.
 template <class KV>
 struct paged_inputs {
-  std::vector<float> q, o;
-  std::vector<KV> k_pages, v_pages;
+  bench_buffer<float> q, o;
+  bench_buffer<KV> k_pages, v_pages;
   std::vector<std::int32_t> table, seqlens;
   std::int64_t pages_per_seq;
 

@@ -38,10 +38,10 @@ shape gda(const char* family, std::int64_t hs, std::int64_t hn, std::int64_t pai
 template <class KV>
 struct gda_inputs {
   std::int64_t hs, hn;
-  std::vector<float> q;
-  std::vector<KV> k, v;
-  std::vector<float> o, q1, q2, o1, o2;
-  std::vector<float> norm_weight;
+  bench_buffer<float> q;
+  bench_buffer<KV> k, v;
+  bench_buffer<float> o, q1, q2, o1, o2;
+  bench_buffer<float> norm_weight;
   explicit gda_inputs(const shape& s)
       : hs(s.heads_q), hn(s.heads_noise),
         q(random_normal<float>(static_cast<std::size_t>(s.batch * s.seq_q * (hs + hn) * s.dim_qk), 1)),
@@ -65,7 +65,7 @@ struct gda_inputs {
   }
 };
 
-headwise::diff_options layer_options(const shape& s, const std::vector<float>& norm_weight) {
+headwise::diff_options layer_options(const shape& s, const bench_buffer<float>& norm_weight) {
   headwise::diff_options opt;
   opt.causal = s.causal ? headwise::causal_mode::bottom_right : headwise::causal_mode::none;
   opt.num_threads = s.threads;
@@ -89,7 +89,7 @@ void run_fused(benchmark::State& state, const shape& s, const std::string& name)
 
 /// K1 or K2 of every pair as a strided (batch, seq_kv, pairs, d) view of the interleaved K.
 template <class KV>
-headwise::tensor_view<const KV, 4> key_set(const std::vector<KV>& k, const shape& s, int set) {
+headwise::tensor_view<const KV, 4> key_set(const bench_buffer<KV>& k, const shape& s, int set) {
   const std::int64_t d = s.dim_qk, p = s.heads_kv;
   return headwise::tensor_view<const KV, 4>(k.data() + set * d, {s.batch, s.seq_kv, p, d},
                                             {s.seq_kv * 2 * p * d, 2 * p * d, 2 * d, 1});

@@ -47,8 +47,8 @@ shape naive(std::int64_t seq, int threads = 1) {
 /// Absorbed queries and the latent cache (batch, seq_kv, 576) in the storage type T.
 template <class T>
 struct latent_inputs {
-  std::vector<float> q, o;
-  std::vector<T> latent;
+  bench_buffer<float> q, o;
+  bench_buffer<T> latent;
   explicit latent_inputs(const shape& s)
       : q(random_normal<float>(static_cast<std::size_t>(s.batch * s.seq_q * s.heads_q * s.dim_qk), 1)),
         o(static_cast<std::size_t>(s.batch * s.seq_q * s.heads_q * s.dim_v), 0.0f),

@@ -37,8 +37,8 @@ shape sparse_case(const char* family, int density, std::int64_t block, int threa
 /// structured: local attention (a positional code in dims [0, 64)), a sink key and a few
 /// needle columns (a shared direction in dims [64, 128)), on top of noise; random otherwise.
 struct sparse_inputs {
-  std::vector<float> q, k, v, o;
-  std::vector<float> dense_out;
+  bench_buffer<float> q, k, v, o;
+  bench_buffer<float> dense_out;
   std::map<int, double> dense_seconds;
 
   sparse_inputs(const shape& s, bool structured) {

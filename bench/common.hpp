@@ -292,8 +292,8 @@ class input_slot {
 
 /// A benchmark input or output: 64-byte aligned, as PyTorch's CPU allocator aligns tensors
 /// (and so vLLM's KV caches). With malloc's 16-byte start, every 64-byte row load of a cache
-/// straddles two lines; one bf16 decode A/B measured that 2-8% slower on the device host and
-/// 50% slower on a Zen 5 VM (docs/benchmarks.md, 2026-12-06).
+/// straddles two lines; in one decode A/B that made bf16 8-9% slower on the device host and 50%
+/// slower on a Zen 5 VM (docs/benchmarks.md, 2026-12-06).
 template <class T>
 using bench_buffer = std::vector<T, xsimd::aligned_allocator<T, 64>>;
 

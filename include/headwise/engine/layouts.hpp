@@ -360,12 +360,14 @@ struct key_lanes {
     tile::softmax_update_rows<Arch>(ws.s_buf.data(), ld_kt, rows, n, ws.m.data() + seg, ws.l.data() + seg,
                                     ws.alpha.data() + seg);
   }
-  /// O = α·O + P·V  (rows, dv_pad)
+  /// O = α·O + P·V  (rows, dv_pad). V converted into v_buf (dim_v not a whole number of
+  /// vectors) is f32 while the next rows are in the cache's dtype: no V prefetch then.
   void pv(std::int64_t n) {
+    const bool v_in_place = dv == dv_pad;
     with_type(v_kind, [&](auto tag) {
       tile::pv_tile_rows<Arch, decltype(tag)>(ws.o_buf.data() + seg * dv_pad, dv_pad, ws.alpha.data() + seg,
                                               ws.v_ptr.data(), ws.s_buf.data(), ld_kt, rows, dv_pad / w, n,
-                                              has_next ? ws.v_next.data() : nullptr);
+                                              has_next && v_in_place ? ws.v_next.data() : nullptr);
     });
   }
   /// Epilogue: head h's rows of O (row-major already) into their output rows, as

@@ -142,14 +142,16 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
         // Key lanes: the rows read after this head's, the next head's of this tile (the first
         // head's of the next tile after the last head), go to L2 a few lines per key from inside
         // this head's kernels, so that the fetch overlaps the FMAs (docs/benchmarks.md,
-        // 2026-12-06). A gathered tile's next tile is unknown here: nothing after its last head.
+        // "2026-12-06 (later)"). A gathered tile's next tile is unknown here: nothing after its
+        // last head. After a tile that is not followed by the next keys (sinks, the last tile)
+        // the prefetched rows are not read: a few wasted lines, always inside [k_begin, kv_end).
         std::int64_t hn = hk + 1, an = a;
         if (hn == hk0 + nh) {
           hn = hk0;
           an = a + n;
         }
         const std::int64_t n_next =
-            cols != nullptr ? (an == a ? n : 0) : std::clamp<std::int64_t>(std::min(k_end, kv_end) - an, 0, n);
+            cols != nullptr ? (an == a ? n : 0) : std::clamp<std::int64_t>(kv_end - an, 0, n);
         lay.next_rows(
             n_next, [&](std::int64_t j) { return pb.ks.k_row(b, cols != nullptr ? key(j) : an + j, hn); },
             [&](std::int64_t j) { return pb.ks.v_row(b, cols != nullptr ? key(j) : an + j, hn); });

@@ -31,8 +31,8 @@ struct problem {
 /// absorbed MLA, short chunks), 0 = never split; prefetch_bytes: how much of the KV cache
 /// (every head, K and V) a query-lane item that streams its sequence's cache once (absorbed
 /// MLA, short chunks) keeps on its way into L2 ahead of the tile being computed, 0 (the
-/// default) = none, the hardware prefetchers only (key-lane decode items ignore it: a bf16/f16
-/// cache prefetches each head's next tile into L1, an f32 cache nothing). Splits depend only on
+/// default) = none, the hardware prefetchers only (key-lane decode items ignore it: their
+/// kernels prefetch the rows read next, key_lanes::next_rows). Splits depend only on
 /// these numbers and the shapes, never on the thread count.
 struct blocking {
   std::int64_t rows = 128;

@@ -7,6 +7,8 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -24,41 +26,47 @@ struct byte_range {
   }
 };
 
-/// Builds the messages of argument_error for one entry point.
+/// Builds the messages of argument_error for one entry point. Checks cost nothing but the
+/// test when they pass: names are string_views (literals need no allocation) and a `given` value
+/// is formatted only on failure, so a call with a short cache is not dominated by its checks.
 class checker {
  public:
   explicit checker(std::string function) : fn_(std::move(function)) {}
 
-  [[noreturn]] void fail(const std::string& arg, const std::string& expected, const std::string& given) const {
-    throw argument_error(fn_, arg, expected, given);
+  [[noreturn]] void fail(std::string_view arg, std::string_view expected, std::string_view given) const {
+    throw argument_error(fn_, std::string(arg), std::string(expected), std::string(given));
   }
-  void require(bool ok, const std::string& arg, const std::string& expected, const std::string& given) const {
-    if (!ok) fail(arg, expected, given);
+  /// `given`: a string, or a value formatted (to_text) only when the check fails.
+  template <class G>
+  void require(bool ok, std::string_view arg, std::string_view expected, const G& given) const {
+    if (!ok) fail(arg, expected, text(given));
   }
-  void equal(std::int64_t got, std::int64_t want, const std::string& arg, const std::string& what) const {
-    if (got != want) fail(arg, what + " = " + to_text(want), to_text(got));
+  void equal(std::int64_t got, std::int64_t want, std::string_view arg, std::string_view what) const {
+    if (got != want) fail(arg, std::string(what) + " = " + to_text(want), to_text(got));
   }
 
   /// A tensor argument: non-negative shape, extents that fit 64-bit offsets, contiguous last
   /// axis, non-null data unless empty. `min_extent[i]` is the smallest legal extent of axis i.
   template <class T, std::size_t R>
-  void view(const tensor_view<T, R>& t, const std::string& name, const std::array<std::int64_t, R>& min_extent,
+  void view(const tensor_view<T, R>& t, std::string_view name, const std::array<std::int64_t, R>& min_extent,
             const std::array<const char*, R>& axis) const {
     for (std::size_t i = 0; i < R; ++i) {
-      const std::string arg = name + ".shape[" + std::to_string(i) + "] (" + axis[i] + ")";
-      require(t.shape[i] >= min_extent[i], arg, ">= " + to_text(min_extent[i]), to_text(t.shape[i]));
+      if (t.shape[i] < min_extent[i])
+        fail(std::string(name) + ".shape[" + std::to_string(i) + "] (" + axis[i] + ")", ">= " + to_text(min_extent[i]),
+             to_text(t.shape[i]));
     }
     if (t.numel_checked() < 0)
-      fail(name + ".shape", "a size whose element offsets fit in 64 bits", "an overflowing shape/stride");
+      fail(std::string(name) + ".shape", "a size whose element offsets fit in 64 bits", "an overflowing shape/stride");
     if (t.numel() == 0) return;
-    require(t.data != nullptr, name + ".data", "a non-null pointer", "nullptr");
-    require(t.shape[R - 1] == 1 || t.stride[R - 1] == 1, name + ".stride[" + std::to_string(R - 1) + "]",
-            "1 (the " + std::string(axis[R - 1]) + " axis must be contiguous)", to_text(t.stride[R - 1]));
+    if (t.data == nullptr) fail(std::string(name) + ".data", "a non-null pointer", "nullptr");
+    if (t.shape[R - 1] != 1 && t.stride[R - 1] != 1)
+      fail(std::string(name) + ".stride[" + std::to_string(R - 1) + "]",
+           "1 (the " + std::string(axis[R - 1]) + " axis must be contiguous)", to_text(t.stride[R - 1]));
   }
 
   /// Outputs must not overlap themselves: distinct indices, distinct elements.
   template <class T, std::size_t R>
-  void no_self_overlap(const tensor_view<T, R>& t, const std::string& name) const {
+  void no_self_overlap(const tensor_view<T, R>& t, std::string_view name) const {
     if (t.numel() == 0) return;
     std::array<std::pair<std::int64_t, std::int64_t>, R> ax{};  // (|stride|, extent)
     for (std::size_t i = 0; i < R; ++i)  // extent-1 axes never step (their stride may be INT64_MIN)
@@ -67,16 +75,16 @@ class checker {
     std::int64_t span = 1;  // elements covered by the inner axes
     for (auto [s, n] : ax) {
       if (n == 1) continue;
-      require(s >= span, name + ".stride", "strides that give every element its own address",
-              "overlapping strides");
+      if (s < span) fail(std::string(name) + ".stride", "strides that give every element its own address",
+                         "overlapping strides");
       span = s * (n - 1) + span;
     }
   }
 
   template <class A, class Bv>
-  void no_alias(const A& out, const std::string& out_name, const Bv& in, const std::string& in_name) const {
+  void no_alias(const A& out, std::string_view out_name, const Bv& in, std::string_view in_name) const {
     if (range(out).overlaps(range(in)))
-      fail(out_name, "memory not overlapping '" + in_name + "'", "an aliasing view");
+      fail(out_name, "memory not overlapping '" + std::string(in_name) + "'", "an aliasing view");
   }
 
   template <class T, std::size_t R>
@@ -98,6 +106,14 @@ class checker {
   template <class T>
   static std::string to_text(const T& v) {
     return detail::to_text(v);
+  }
+  template <class G>
+  static std::string text(const G& g) {
+    if constexpr (std::is_convertible_v<const G&, std::string_view>) {
+      return std::string(std::string_view(g));
+    } else {
+      return detail::to_text(g);
+    }
   }
   std::string fn_;
 };

@@ -5,6 +5,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace headwise {
 
@@ -26,11 +27,17 @@ class argument_error : public std::invalid_argument {
 };
 
 namespace detail {
+/// A value as text for an error message (integers without a stream: checks format lazily, but
+/// some messages format their bounds eagerly).
 template <class T>
 std::string to_text(const T& v) {
-  std::ostringstream os;
-  os << v;
-  return os.str();
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool> && !std::is_same_v<T, char>) {
+    return std::to_string(v);
+  } else {
+    std::ostringstream os;
+    os << v;
+    return os.str();
+  }
 }
 }  // namespace detail
 

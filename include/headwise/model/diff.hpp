@@ -59,7 +59,7 @@ namespace headwise::model {
 inline double diff_lambda_init(std::int64_t layer_index) {
   const detail::checker c("headwise::model::diff_lambda_init");
   c.require(layer_index >= 0, "layer_index", ">= 0 (0-based: unilm's depth, the paper's l - 1)",
-            detail::to_text(layer_index));
+            layer_index);
   return 0.8 - 0.6 * std::exp(-0.3 * static_cast<double>(layer_index));
 }
 
@@ -74,7 +74,7 @@ inline double diff_lambda(const weight_vector& lambda_q1, const weight_vector& l
   c.equal(lambda_k1.size(), n, "lambda_k1.size()", "lambda_q1.size()");
   c.equal(lambda_q2.size(), n, "lambda_q2.size()", "lambda_q1.size()");
   c.equal(lambda_k2.size(), n, "lambda_k2.size()", "lambda_q1.size()");
-  c.require(std::isfinite(lambda_init), "lambda_init", "a finite value", detail::to_text(lambda_init));
+  c.require(std::isfinite(lambda_init), "lambda_init", "a finite value", lambda_init);
   double d1 = 0, d2 = 0;
   for (std::int64_t i = 0; i < n; ++i) {
     d1 += static_cast<double>(lambda_q1(i)) * static_cast<double>(lambda_k1(i));
@@ -117,24 +117,24 @@ struct gda_config {
     using detail::to_text;
     // Sizes stay far from overflow: every weight has at most 2^40 values.
     constexpr std::int64_t max_extent = std::int64_t{1} << 20;
-    c.require(d_model >= 1 && d_model <= max_extent, "config.d_model", "1..2^20", to_text(d_model));
-    c.require(heads_noise >= 1 && heads_noise <= max_extent, "config.heads_noise", "1..2^20", to_text(heads_noise));
-    c.require(heads_signal <= max_extent, "config.heads_signal", "<= 2^20", to_text(heads_signal));
+    c.require(d_model >= 1 && d_model <= max_extent, "config.d_model", "1..2^20", d_model);
+    c.require(heads_noise >= 1 && heads_noise <= max_extent, "config.heads_noise", "1..2^20", heads_noise);
+    c.require(heads_signal <= max_extent, "config.heads_signal", "<= 2^20", heads_signal);
     c.require(head_dim <= max_extent / std::max<std::int64_t>(1, heads_signal + heads_noise), "config.head_dim",
-              "(heads_signal + heads_noise)·head_dim <= 2^20", to_text(head_dim));
+              "(heads_signal + heads_noise)·head_dim <= 2^20", head_dim);
     c.require(heads_signal >= 1 && heads_signal % heads_noise == 0, "config.heads_signal",
-              "a positive multiple of heads_noise = " + to_text(heads_noise), to_text(heads_signal));
+              "a positive multiple of heads_noise = " + to_text(heads_noise), heads_signal);
     c.require(kv_pairs >= 1 && heads_noise % kv_pairs == 0, "config.kv_pairs",
               "a divisor of heads_noise = " + to_text(heads_noise) + " (and so of heads_signal)",
-              to_text(kv_pairs));
+              kv_pairs);
     c.require(head_dim >= 1 && (!rope || head_dim % 2 == 0), "config.head_dim",
-              rope ? "an even value >= 2 (RoPE)" : ">= 1", to_text(head_dim));
-    c.require(layer_index >= 0, "config.layer_index", ">= 0 (0-based)", to_text(layer_index));
+              rope ? "an even value >= 2 (RoPE)" : ">= 1", head_dim);
+    c.require(layer_index >= 0, "config.layer_index", ">= 0 (0-based)", layer_index);
     c.require(!rope || (std::isfinite(rope_theta) && rope_theta > 1.0), "config.rope_theta",
-              "a finite value > 1", to_text(rope_theta));
+              "a finite value > 1", rope_theta);
     detail::check_pairing(c, pairing, "config.pairing");
     c.require(std::isfinite(norm_eps) && norm_eps > 0.0f, "config.norm_eps", "a finite value > 0",
-              to_text(norm_eps));
+              norm_eps);
   }
 };
 
@@ -177,7 +177,7 @@ struct gda_weights {
     c.require(std::isfinite(lam) && std::isfinite(static_cast<float>(lam)),
               "weights.lambda_q1 / lambda_k1 / lambda_q2 / lambda_k2",
               "λ vectors whose λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init is finite in f32",
-              detail::to_text(lam));
+              lam);
   }
 
   /// The layer's λ: diff_lambda(lambda_q1, lambda_k1, lambda_q2, lambda_k2, config.lambda_init()).
@@ -205,8 +205,8 @@ inline void check_gda_call(const checker& c, const gda_config& config, const gda
                            const matrix& x, std::int64_t start_pos, int num_threads) {
   weights.check(config);
   c.equal(x.cols(), config.d_model, "x.cols() (d_model)", "config.d_model");
-  c.require(start_pos >= 0, "start_pos", ">= 0", to_text(start_pos));
-  c.require(num_threads >= 0, "num_threads", ">= 0", to_text(num_threads));
+  c.require(start_pos >= 0, "start_pos", ">= 0", start_pos);
+  c.require(num_threads >= 0, "num_threads", ">= 0", num_threads);
 }
 
 /// λ as the kernel's float (finite: weights.check() has run).
@@ -275,7 +275,7 @@ inline gda_projections gda_project(const gda_config& config, const gda_weights& 
 inline diff_options gda_options(const gda_config& config, const gda_weights& weights, int num_threads = 0) {
   const detail::checker c("headwise::model::gda_options");
   weights.check(config);
-  c.require(num_threads >= 0, "num_threads", ">= 0", detail::to_text(num_threads));
+  c.require(num_threads >= 0, "num_threads", ">= 0", num_threads);
   return detail::gda_kernel_options(config, weights, detail::gda_lambda(config, weights), num_threads);
 }
 
@@ -295,7 +295,7 @@ class gda_cache {
     const detail::checker c("headwise::model::gda_cache");
     c.require(reserve_tokens >= 0 && reserve_tokens <= (std::int64_t{1} << 40) / std::max<std::int64_t>(1, v_width()),
               "reserve_tokens", ">= 0 and reserve_tokens·(2·head_dim·kv_pairs) < 2^40 values",
-              detail::to_text(reserve_tokens));
+              reserve_tokens);
     k_.reserve(static_cast<std::size_t>(reserve_tokens * k_width()));
     v_.reserve(static_cast<std::size_t>(reserve_tokens * v_width()));
   }
@@ -331,7 +331,7 @@ class gda_cache {
   void truncate(std::int64_t tokens) {
     const detail::checker c("headwise::model::gda_cache::truncate");
     c.require(tokens >= 0 && tokens <= length(), "tokens", "0..length() = " + detail::to_text(length()),
-              detail::to_text(tokens));
+              tokens);
     k_.resize(static_cast<std::size_t>(tokens * k_width()));
     v_.resize(static_cast<std::size_t>(tokens * v_width()));
   }
@@ -453,15 +453,14 @@ inline gda_parameters grow_signal_heads(const gda_config& config, const gda_weig
   const detail::checker c("headwise::model::grow_signal_heads");
   weights.check(config);
   c.require(factor >= 1 && factor <= (std::int64_t{1} << 20) / std::max<std::int64_t>(1, config.heads_signal),
-            "factor", ">= 1 and factor·heads_signal <= 2^20", detail::to_text(factor));
+            "factor", ">= 1 and factor·heads_signal <= 2^20", factor);
   std::vector<double> share(static_cast<std::size_t>(factor), 1.0 / static_cast<double>(factor));
   if (!split.empty()) {
     c.equal(static_cast<std::int64_t>(split.size()), factor, "split.size()",
             "factor (or empty: 1/factor each)");
     double sum = 0;
     for (std::size_t t = 0; t < split.size(); ++t) {
-      c.require(std::isfinite(split[t]), "split[" + detail::to_text(t) + "]", "a finite value",
-                detail::to_text(split[t]));
+      if (!std::isfinite(split[t])) c.fail("split[" + detail::to_text(t) + "]", "a finite value", detail::to_text(split[t]));
       sum += split[t];
     }
     c.require(std::abs(sum - 1.0) <= 1e-6, "split", "values summing to 1 (within 1e-6)",

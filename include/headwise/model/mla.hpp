@@ -84,26 +84,26 @@ struct mla_config {
     using detail::to_text;
     // Every extent at most 2^20, so that products of two of them (weight shapes) fit easily.
     constexpr std::int64_t mx = std::int64_t{1} << 20;
-    c.require(heads >= 1 && heads <= mx, "config.heads", "1..2^20", to_text(heads));
-    c.require(d_model >= 1 && d_model <= mx, "config.d_model", "1..2^20", to_text(d_model));
+    c.require(heads >= 1 && heads <= mx, "config.heads", "1..2^20", heads);
+    c.require(d_model >= 1 && d_model <= mx, "config.d_model", "1..2^20", d_model);
     c.require(q_lora_rank >= 0 && q_lora_rank <= mx, "config.q_lora_rank", "0..2^20 (0 = no query compression)",
-              to_text(q_lora_rank));
-    c.require(kv_lora_rank >= 1 && kv_lora_rank <= mx, "config.kv_lora_rank", "1..2^20", to_text(kv_lora_rank));
-    c.require(qk_nope >= 0 && qk_nope <= mx, "config.qk_nope", "0..2^20", to_text(qk_nope));
+              q_lora_rank);
+    c.require(kv_lora_rank >= 1 && kv_lora_rank <= mx, "config.kv_lora_rank", "1..2^20", kv_lora_rank);
+    c.require(qk_nope >= 0 && qk_nope <= mx, "config.qk_nope", "0..2^20", qk_nope);
     c.require(qk_rope >= 0 && qk_rope <= mx && qk_rope % 2 == 0, "config.qk_rope", "an even value in 0..2^20",
-              to_text(qk_rope));
-    c.require(qk_nope + qk_rope >= 1, "config.qk_nope + config.qk_rope", ">= 1", to_text(qk_nope + qk_rope));
-    c.require(v_head >= 1 && v_head <= mx, "config.v_head", "1..2^20", to_text(v_head));
+              qk_rope);
+    c.require(qk_nope + qk_rope >= 1, "config.qk_nope + config.qk_rope", ">= 1", qk_nope + qk_rope);
+    c.require(v_head >= 1 && v_head <= mx, "config.v_head", "1..2^20", v_head);
     if (qk_rope == 0) {
-      c.require(rope_block == 0, "config.rope_block", "0 when qk_rope = 0", to_text(rope_block));
+      c.require(rope_block == 0, "config.rope_block", "0 when qk_rope = 0", rope_block);
     } else {
       c.require(rope_block == 0 || (rope_block >= 2 && rope_block % 2 == 0 && qk_rope % rope_block == 0),
-                "config.rope_block", "0 or an even divisor of qk_rope = " + to_text(qk_rope), to_text(rope_block));
+                "config.rope_block", "0 or an even divisor of qk_rope = " + to_text(qk_rope), rope_block);
     }
     c.require(std::isfinite(rope_theta) && rope_theta > 1.0, "config.rope_theta", "a finite value > 1",
-              to_text(rope_theta));
+              rope_theta);
     detail::check_yarn(c, yarn, "config.yarn");
-    c.require(max_seq_len >= 1, "config.max_seq_len", ">= 1", to_text(max_seq_len));
+    c.require(max_seq_len >= 1, "config.max_seq_len", ">= 1", max_seq_len);
     detail::check_pairing(c, pairing, "config.pairing");
   }
 
@@ -190,7 +190,7 @@ inline void check_tokens(const checker& c, const matrix& x, const std::string& x
   c.equal(x.cols(), d_model, x_name + ".cols() (d_model)", "config.d_model");
   c.equal(static_cast<std::int64_t>(positions.size()), x.rows(), "positions.size()", x_name + ".rows()");
   for (std::size_t t = 0; t < positions.size(); ++t)
-    c.require(positions[t] >= 0, "positions[" + to_text(t) + "]", ">= 0", to_text(positions[t]));
+    if (positions[t] < 0) c.fail("positions[" + to_text(t) + "]", ">= 0", to_text(positions[t]));
 }
 
 /// Row-wise RMSNorm in place: x ← x / sqrt(mean(x²) + eps) · weight (mean in double).
@@ -379,9 +379,9 @@ class latent_cache {
   /// `reserve_tokens` rows.
   explicit latent_cache(std::int64_t width, std::int64_t reserve_tokens = 0) : width_(width) {
     const detail::checker c("headwise::model::latent_cache");
-    c.require(width >= 1, "width", ">= 1", detail::to_text(width));
+    c.require(width >= 1, "width", ">= 1", width);
     c.require(reserve_tokens >= 0 && reserve_tokens <= (std::int64_t{1} << 40) / width, "reserve_tokens",
-              ">= 0 and width·reserve_tokens <= 2^40 values", detail::to_text(reserve_tokens));
+              ">= 0 and width·reserve_tokens <= 2^40 values", reserve_tokens);
     rows_.reserve(static_cast<std::size_t>(width * reserve_tokens));
   }
 
@@ -405,7 +405,7 @@ class latent_cache {
   void truncate(std::int64_t tokens) {
     const detail::checker c("headwise::model::latent_cache::truncate");
     c.require(tokens >= 0 && tokens <= length(), "tokens", "0..length() = " + detail::to_text(length()),
-              detail::to_text(tokens));
+              tokens);
     rows_.resize(static_cast<std::size_t>(tokens * width_));
   }
   /// The cache as the kernels' latent: (batch 1, length, width).
@@ -466,8 +466,8 @@ class mla_layer {
     c.equal(x.cols(), config_.d_model, "x.cols() (d_model)", "config.d_model");
     c.equal(cache.width(), config_.latent_dim(), "cache.width()", "config.latent_dim() (kv_lora_rank + qk_rope)");
     c.require(form == mla_form::absorbed || form == mla_form::naive, "form", "absorbed or naive",
-              detail::to_text(static_cast<int>(form)));
-    c.require(num_threads >= 0, "num_threads", ">= 0", detail::to_text(num_threads));
+              static_cast<int>(form));
+    c.require(num_threads >= 0, "num_threads", ">= 0", num_threads);
     const std::int64_t n = x.rows();
     if (n == 0) return matrix(0, config_.d_model);
     const std::vector<std::int64_t> pos = token_positions(cache.length(), n);

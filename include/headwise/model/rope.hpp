@@ -49,14 +49,14 @@ using headwise::detail::to_text;
 /// Checks a yarn_config (every field used by rope_frequencies and mla_softmax_scale).
 inline void check_yarn(const checker& c, const yarn_config& y, const std::string& name) {
   c.require(std::isfinite(y.factor) && y.factor >= 1, name + ".factor", "a finite value >= 1 (1 = no YaRN)",
-            to_text(y.factor));
+            y.factor);
   c.require(y.original_max_position >= 1, name + ".original_max_position", ">= 1",
-            to_text(y.original_max_position));
+            y.original_max_position);
   c.require(std::isfinite(y.beta_fast) && y.beta_fast > 0, name + ".beta_fast", "a finite value > 0",
-            to_text(y.beta_fast));
+            y.beta_fast);
   c.require(std::isfinite(y.beta_slow) && y.beta_slow > 0, name + ".beta_slow", "a finite value > 0",
-            to_text(y.beta_slow));
-  c.require(std::isfinite(y.mscale), name + ".mscale", "a finite value", to_text(y.mscale));
+            y.beta_slow);
+  c.require(std::isfinite(y.mscale), name + ".mscale", "a finite value", y.mscale);
 }
 
 /// cos/sin of pos·freqs[i] for one position, applied to any number of rope blocks.
@@ -88,12 +88,12 @@ class rope_rotation {
 
 inline void check_pairing(const checker& c, rope_pairing p, const std::string& name) {
   c.require(p == rope_pairing::interleaved || p == rope_pairing::half_split, name, "interleaved or half_split",
-            to_text(static_cast<int>(p)));
+            static_cast<int>(p));
 }
 
 inline void check_rope_args(const checker& c, std::int64_t dim, std::span<const double> freqs,
                             rope_pairing pairing) {
-  c.require(dim >= 0 && dim % 2 == 0, "dim", "an even value >= 0", to_text(dim));
+  c.require(dim >= 0 && dim % 2 == 0, "dim", "an even value >= 0", dim);
   c.equal(static_cast<std::int64_t>(freqs.size()), dim / 2, "freqs.size()", "dim / 2");
   check_pairing(c, pairing, "pairing");
 }
@@ -120,10 +120,10 @@ inline std::vector<double> rope_frequencies(std::int64_t rope_dim, double theta,
                                             std::int64_t max_seq_len) {
   const detail::checker c("headwise::model::rope_frequencies");
   c.require(rope_dim >= 0 && rope_dim <= (std::int64_t{1} << 20) && rope_dim % 2 == 0, "rope_dim",
-            "an even value in 0..2^20", detail::to_text(rope_dim));
-  c.require(std::isfinite(theta) && theta > 1.0, "theta", "a finite value > 1", detail::to_text(theta));
+            "an even value in 0..2^20", rope_dim);
+  c.require(std::isfinite(theta) && theta > 1.0, "theta", "a finite value > 1", theta);
   detail::check_yarn(c, yarn, "yarn");
-  c.require(max_seq_len >= 1, "max_seq_len", ">= 1", detail::to_text(max_seq_len));
+  c.require(max_seq_len >= 1, "max_seq_len", ">= 1", max_seq_len);
   const std::int64_t half = rope_dim / 2;
   const double d = static_cast<double>(rope_dim);
   std::vector<double> freqs(static_cast<std::size_t>(half));
@@ -166,9 +166,9 @@ inline void apply_rope_blocks(float* x, std::int64_t blocks, std::int64_t dim, s
                               std::span<const double> freqs, rope_pairing pairing, std::int64_t stride = 0) {
   const detail::checker c("headwise::model::apply_rope_blocks");
   detail::check_rope_args(c, dim, freqs, pairing);
-  c.require(blocks >= 0, "blocks", ">= 0", detail::to_text(blocks));
+  c.require(blocks >= 0, "blocks", ">= 0", blocks);
   c.require(stride == 0 || stride >= dim, "stride", "0 (= dim) or >= dim = " + detail::to_text(dim),
-            detail::to_text(stride));
+            stride);
   if (dim == 0 || blocks == 0) return;
   c.require(x != nullptr, "x", "a non-null pointer", "nullptr");
   const std::int64_t step = stride == 0 ? dim : stride;
@@ -187,11 +187,11 @@ inline void apply_rope_blocks(float* x, std::int64_t blocks, std::int64_t dim, s
 inline float mla_softmax_scale(std::int64_t qk_nope, std::int64_t qk_rope, const yarn_config& yarn,
                                std::int64_t max_seq_len) {
   const detail::checker c("headwise::model::mla_softmax_scale");
-  c.require(qk_nope >= 0 && qk_nope <= (std::int64_t{1} << 40), "qk_nope", "0..2^40", detail::to_text(qk_nope));
-  c.require(qk_rope >= 0 && qk_rope <= (std::int64_t{1} << 40), "qk_rope", "0..2^40", detail::to_text(qk_rope));
-  c.require(qk_nope + qk_rope >= 1, "qk_nope + qk_rope", ">= 1", detail::to_text(qk_nope + qk_rope));
+  c.require(qk_nope >= 0 && qk_nope <= (std::int64_t{1} << 40), "qk_nope", "0..2^40", qk_nope);
+  c.require(qk_rope >= 0 && qk_rope <= (std::int64_t{1} << 40), "qk_rope", "0..2^40", qk_rope);
+  c.require(qk_nope + qk_rope >= 1, "qk_nope + qk_rope", ">= 1", qk_nope + qk_rope);
   detail::check_yarn(c, yarn, "yarn");
-  c.require(max_seq_len >= 1, "max_seq_len", ">= 1", detail::to_text(max_seq_len));
+  c.require(max_seq_len >= 1, "max_seq_len", ">= 1", max_seq_len);
   double scale = 1.0 / std::sqrt(static_cast<double>(qk_nope + qk_rope));
   if (max_seq_len > yarn.original_max_position && yarn.factor > 1.0) {
     const double m = yarn_mscale(yarn.factor, yarn.mscale);

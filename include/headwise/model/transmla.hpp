@@ -57,14 +57,14 @@ struct gqa_config {
     using detail::to_text;
     // Every extent at most 2^20, so that products of two of them (weight shapes) fit easily.
     constexpr std::int64_t mx = std::int64_t{1} << 20;
-    c.require(heads_q >= 1 && heads_q <= mx, "config.heads_q", "1..2^20", to_text(heads_q));
+    c.require(heads_q >= 1 && heads_q <= mx, "config.heads_q", "1..2^20", heads_q);
     c.require(heads_kv >= 1 && heads_q % heads_kv == 0, "config.heads_kv",
-              "a divisor of heads_q = " + to_text(heads_q), to_text(heads_kv));
+              "a divisor of heads_q = " + to_text(heads_q), heads_kv);
     c.require(head_dim >= 1 && head_dim <= mx && (!rope || head_dim % 2 == 0), "config.head_dim",
-              rope ? "an even value in 2..2^20 (RoPE)" : "1..2^20", to_text(head_dim));
-    c.require(d_model >= 1 && d_model <= mx, "config.d_model", "1..2^20", to_text(d_model));
+              rope ? "an even value in 2..2^20 (RoPE)" : "1..2^20", head_dim);
+    c.require(d_model >= 1 && d_model <= mx, "config.d_model", "1..2^20", d_model);
     c.require(!rope || (std::isfinite(rope_theta) && rope_theta > 1.0), "config.rope_theta", "a finite value > 1",
-              to_text(rope_theta));
+              rope_theta);
     detail::check_pairing(c, pairing, "config.pairing");
   }
 };
@@ -96,7 +96,7 @@ inline matrix gqa_forward(const gqa_config& config, const gqa_weights& weights, 
   const detail::checker c("headwise::model::gqa_forward");
   weights.check(config);
   c.equal(x.cols(), config.d_model, "x.cols() (d_model)", "config.d_model");
-  c.require(num_threads >= 0, "num_threads", ">= 0", detail::to_text(num_threads));
+  c.require(num_threads >= 0, "num_threads", ">= 0", num_threads);
   const std::int64_t n = x.rows(), hq = config.heads_q, hk = config.heads_kv, dh = config.head_dim;
   if (n == 0) return matrix(0, config.d_model);
   matrix q = x * weights.w_q.transpose();
@@ -199,9 +199,9 @@ inline compression_report compress_latent(const mla_config& config, const mla_we
   c.require(!config.kv_norm, "config.kv_norm",
             "false (RMSNorm makes the latent non-linear in x, so PCA cannot be folded into W_kv_a)", "true");
   const std::int64_t dc = config.kv_lora_rank;
-  c.require(rank >= 1 && rank <= dc, "rank", "1..kv_lora_rank = " + detail::to_text(dc), detail::to_text(rank));
+  c.require(rank >= 1 && rank <= dc, "rank", "1..kv_lora_rank = " + detail::to_text(dc), rank);
   c.equal(calibration.cols(), config.d_model, "calibration.cols() (d_model)", "config.d_model");
-  c.require(calibration.rows() >= 1, "calibration.rows()", ">= 1 token", detail::to_text(calibration.rows()));
+  c.require(calibration.rows() >= 1, "calibration.rows()", ">= 1 token", calibration.rows());
 
   using dmat = Eigen::MatrixXd;
   const dmat w_dkv = weights.w_kv_a.topRows(dc).cast<double>();

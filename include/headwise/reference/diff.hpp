@@ -212,7 +212,7 @@ void diff_transformer(tensor_view<const float, 4> q, tensor_view<KT, 4> k, tenso
   const std::int64_t h = q.shape[2] / 2, h_kv = v.shape[2];
   c.require(h_kv >= 1 && q.shape[2] == 2 * h && out.shape[2] == h && k.shape[2] == 2 * h_kv && h % h_kv == 0,
             "q.shape[2]",
-            "2h query half-heads, h outputs, 2h_kv keys, h_kv | h", std::to_string(q.shape[2]));
+            "2h query half-heads, h outputs, 2h_kv keys, h_kv | h", q.shape[2]);
   c.equal(k.shape[3], d, "k.shape[3]", "q.shape[3]");
   c.equal(out.shape[3], dv, "out.shape[3]", "v.shape[3]");
   diff_detail::check_exact(c, weight, "weight", {dv}, true);

@@ -22,12 +22,12 @@ namespace detail {
 inline engine::head_mapper check_heads(const checker& c, const attention_options& opt, std::int64_t heads_q,
                                        std::int64_t heads_kv, const std::string& kv_arg) {
   c.require(opt.heads == head_map::interleave || opt.heads == head_map::tile, "options.heads",
-            "interleave or tile", to_text(static_cast<int>(opt.heads)));
+            "interleave or tile", static_cast<int>(opt.heads));
   if (opt.heads == head_map::interleave) {
     c.require(heads_q % heads_kv == 0, kv_arg,
               "a divisor of heads_q = " + to_text(heads_q) +
                   " for head_map::interleave (use head_map::tile for heads_kv > heads_q, reverse SQA)",
-              to_text(heads_kv));
+              heads_kv);
   } else {
     const std::int64_t hi = std::max(heads_q, heads_kv), lo = std::min(heads_q, heads_kv);
     c.require(hi % lo == 0, kv_arg, "heads_q and heads_kv where one divides the other for head_map::tile",
@@ -45,27 +45,27 @@ inline constexpr float max_softcap = 1e38f;
 
 /// Checks the options that do not depend on the tensors' layout.
 inline void check_options(const checker& c, const attention_options& opt, std::int64_t heads_out) {
-  if (opt.scale) c.require(std::isfinite(*opt.scale), "options.scale", "a finite value", to_text(*opt.scale));
+  if (opt.scale) c.require(std::isfinite(*opt.scale), "options.scale", "a finite value", *opt.scale);
   // 0 = off; else a normal float whose reciprocal and cap·log2(e) (the tile's factors) are finite.
   c.require(opt.softcap == 0.0f ||
                 (opt.softcap >= std::numeric_limits<float>::min() && opt.softcap <= max_softcap),
-            "options.softcap", "0 (off) or a value in [1.17549435e-38, 1e38]", to_text(opt.softcap));
-  c.require(opt.window_left >= -1, "options.window_left", ">= -1 (-1 = unbounded)", to_text(opt.window_left));
-  c.require(opt.window_right >= -1, "options.window_right", ">= -1 (-1 = unbounded)", to_text(opt.window_right));
+            "options.softcap", "0 (off) or a value in [1.17549435e-38, 1e38]", opt.softcap);
+  c.require(opt.window_left >= -1, "options.window_left", ">= -1 (-1 = unbounded)", opt.window_left);
+  c.require(opt.window_right >= -1, "options.window_right", ">= -1 (-1 = unbounded)", opt.window_right);
   c.require(opt.causal == causal_mode::none || opt.window_right <= 0, "options.window_right",
-            "-1 or 0 with a causal mask", to_text(opt.window_right));
-  c.require(opt.sink_tokens >= 0, "options.sink_tokens", ">= 0", to_text(opt.sink_tokens));
-  c.require(opt.num_threads >= 0, "options.num_threads", ">= 0 (0 = OpenMP default)", to_text(opt.num_threads));
+            "-1 or 0 with a causal mask", opt.window_right);
+  c.require(opt.sink_tokens >= 0, "options.sink_tokens", ">= 0", opt.sink_tokens);
+  c.require(opt.num_threads >= 0, "options.num_threads", ">= 0 (0 = OpenMP default)", opt.num_threads);
   c.require(opt.causal == causal_mode::none || opt.causal == causal_mode::bottom_right ||
                 opt.causal == causal_mode::top_left,
-            "options.causal", "none, bottom_right or top_left", to_text(static_cast<int>(opt.causal)));
+            "options.causal", "none, bottom_right or top_left", static_cast<int>(opt.causal));
   if (!opt.sink_logits.absent()) {
     c.view(opt.sink_logits, "options.sink_logits", {1}, {"heads_out"});
     c.equal(opt.sink_logits.shape[0], heads_out, "options.sink_logits.shape[0] (heads_out)", "the output heads");
     for (std::int64_t h = 0; h < heads_out; ++h) {
       const float s = opt.sink_logits(h);
-      c.require(!std::isnan(s) && s != INFINITY, "options.sink_logits[" + to_text(h) + "]",
-                "a finite value or -inf (no sink)", to_text(s));
+      if (std::isnan(s) || s == INFINITY)
+        c.fail("options.sink_logits[" + to_text(h) + "]", "a finite value or -inf (no sink)", to_text(s));
     }
   }
 }
@@ -118,7 +118,7 @@ engine::problem<engine::dense_q, engine::dense_kv<KV>> check_attention(
   c.equal(v.shape[0], batch, "v.shape[0] (batch)", "q.shape[0]");
   c.equal(out.shape[0], batch, "out.shape[0] (batch)", "q.shape[0]");
   c.equal(k.shape[3], dim_qk, "k.shape[3] (dim_qk)", "q.shape[3]");
-  c.require(seq_kv <= max_seq_kv, "k.shape[1] (seq_kv)", "<= 2^40 keys", to_text(seq_kv));
+  c.require(seq_kv <= max_seq_kv, "k.shape[1] (seq_kv)", "<= 2^40 keys", seq_kv);
   c.equal(v.shape[1], seq_kv, "v.shape[1] (seq_kv)", "k.shape[1]");
   c.equal(v.shape[2], heads_kv, "v.shape[2] (heads_kv)", "k.shape[2]");
   c.equal(out.shape[1], seq_q, "out.shape[1] (seq_q)", "q.shape[1]");

@@ -25,8 +25,8 @@ inline constexpr std::int64_t max_kv_block = std::int64_t{1} << 30;
 /// block. Every element is read once; nothing is written.
 inline void check_block_mask(const checker& c, const block_mask& m, std::int64_t batch, std::int64_t heads,
                              std::int64_t seq_q, std::int64_t seq_kv) {
-  c.require(m.q_block >= 1 && m.q_block <= max_q_block, "mask.q_block", "in [1, 1024]", to_text(m.q_block));
-  c.require(m.kv_block >= 1 && m.kv_block <= max_kv_block, "mask.kv_block", "in [1, 2^30]", to_text(m.kv_block));
+  c.require(m.q_block >= 1 && m.q_block <= max_q_block, "mask.q_block", "in [1, 1024]", m.q_block);
+  c.require(m.kv_block >= 1 && m.kv_block <= max_kv_block, "mask.kv_block", "in [1, 2^30]", m.kv_block);
   const std::int64_t nqb = (seq_q + m.q_block - 1) / m.q_block, nkb = (seq_kv + m.kv_block - 1) / m.kv_block;
   // One (counts, indices) pair: extents, then the rows.
   auto pair = [&](const tensor_view<const std::int32_t, 3>& n, const tensor_view<const std::int32_t, 4>& i,
@@ -38,9 +38,9 @@ inline void check_block_mask(const checker& c, const block_mask& m, std::int64_t
     c.view(i, "mask." + in, {1, 1, 0, 0}, {"batch", "heads", "num_q_blocks", "width"});
     const auto& ref = m.kv_num_blocks;  // every list shares the batch and head extents of kv_num_blocks
     c.require(n.shape[0] == 1 || n.shape[0] == batch, "mask." + nn + ".shape[0] (batch)",
-              "1 (broadcast) or q.shape[0] = " + to_text(batch), to_text(n.shape[0]));
+              "1 (broadcast) or q.shape[0] = " + to_text(batch), n.shape[0]);
     c.require(n.shape[1] == 1 || n.shape[1] == heads, "mask." + nn + ".shape[1] (heads)",
-              "1 (broadcast) or the output heads = " + to_text(heads), to_text(n.shape[1]));
+              "1 (broadcast) or the output heads = " + to_text(heads), n.shape[1]);
     c.equal(n.shape[0], ref.shape[0], "mask." + nn + ".shape[0] (batch)", "mask.kv_num_blocks.shape[0]");
     c.equal(n.shape[1], ref.shape[1], "mask." + nn + ".shape[1] (heads)", "mask.kv_num_blocks.shape[1]");
     c.equal(n.shape[2], nqb, "mask." + nn + ".shape[2] (num_q_blocks)", "ceil(seq_q / q_block)");
@@ -55,7 +55,14 @@ inline void check_block_mask(const checker& c, const block_mask& m, std::int64_t
 
   const std::int64_t nb = m.kv_num_blocks.shape[0], nh = m.kv_num_blocks.shape[1];
   auto where = [](std::int64_t b, std::int64_t h, std::int64_t qb) {
-    return "[" + to_text(b) + "," + to_text(h) + "," + to_text(qb) + "]";
+    std::string s = "[";  // appended, not "[" + ...: GCC 12 warns (-Wrestrict) on the inlined insert
+    s += to_text(b);
+    s += ',';
+    s += to_text(h);
+    s += ',';
+    s += to_text(qb);
+    s += ']';
+    return s;
   };
   // A row: count in [0, width], entries in [0, limit), strictly increasing.
   auto row = [&](const tensor_view<const std::int32_t, 3>& n, const tensor_view<const std::int32_t, 4>& i,
@@ -111,11 +118,11 @@ engine::problem<engine::dense_q, engine::dense_kv<KV>> check_block_sparse(
     tensor_view<float, 4> out, const block_mask& mask, const attention_options& opt, tensor_view<float, 3> lse) {
   auto pb = check_attention<KV>(c, q, k, v, out, opt, lse);
   c.require(opt.window_left == -1, "options.window_left",
-            "-1 (block-sparse windows are block patterns: streaming_block_mask)", to_text(opt.window_left));
+            "-1 (block-sparse windows are block patterns: streaming_block_mask)", opt.window_left);
   c.require(opt.window_right == -1, "options.window_right", "-1 (block-sparse masks carry the window)",
-            to_text(opt.window_right));
+            opt.window_right);
   c.require(opt.sink_tokens == 0, "options.sink_tokens", "0 (sink blocks: streaming_block_mask)",
-            to_text(opt.sink_tokens));
+            opt.sink_tokens);
   check_block_mask(c, mask, q.shape[0], pb.heads.heads_out, q.shape[1], k.shape[1]);
   auto no_alias_mask = [&](const auto& o, const char* name) {
     c.no_alias(o, name, mask.kv_num_blocks, "mask.kv_num_blocks");
@@ -175,10 +182,10 @@ inline std::int64_t diagonal_block(const block_mask_builder& bld, std::int64_t q
 
 inline void check_pattern(const checker& c, std::int64_t seq_q, std::int64_t seq_kv, std::int64_t q_block,
                           std::int64_t kv_block) {
-  c.require(seq_q >= 0, "seq_q", ">= 0", to_text(seq_q));
-  c.require(seq_kv >= 0 && seq_kv <= max_seq_kv, "seq_kv", "in [0, 2^40]", to_text(seq_kv));
-  c.require(q_block >= 1 && q_block <= max_q_block, "q_block", "in [1, 1024]", to_text(q_block));
-  c.require(kv_block >= 1 && kv_block <= max_kv_block, "kv_block", "in [1, 2^30]", to_text(kv_block));
+  c.require(seq_q >= 0, "seq_q", ">= 0", seq_q);
+  c.require(seq_kv >= 0 && seq_kv <= max_seq_kv, "seq_kv", "in [0, 2^40]", seq_kv);
+  c.require(q_block >= 1 && q_block <= max_q_block, "q_block", "in [1, 1024]", q_block);
+  c.require(kv_block >= 1 && kv_block <= max_kv_block, "kv_block", "in [1, 2^30]", kv_block);
   // The builders hold (num_q_blocks x num_kv_blocks) lists: keep them addressable.
   const std::int64_t nqb = (seq_q + q_block - 1) / q_block, nkb = (seq_kv + kv_block - 1) / kv_block;
   c.require(nqb <= (std::int64_t{1} << 31) / std::max<std::int64_t>(nkb, 1), "seq_q",
@@ -226,8 +233,8 @@ inline block_mask_data streaming_block_mask(std::int64_t seq_q, std::int64_t seq
                                             causal_mode causal = causal_mode::bottom_right) {
   const detail::checker c("headwise::streaming_block_mask");
   detail::check_pattern(c, seq_q, seq_kv, q_block, kv_block);
-  c.require(sink_blocks >= 0, "sink_blocks", ">= 0", detail::to_text(sink_blocks));
-  c.require(local_blocks >= 1, "local_blocks", ">= 1 (the diagonal block)", detail::to_text(local_blocks));
+  c.require(sink_blocks >= 0, "sink_blocks", ">= 0", sink_blocks);
+  c.require(local_blocks >= 1, "local_blocks", ">= 1 (the diagonal block)", local_blocks);
   block_mask_builder bld(1, 1, seq_q, seq_kv, q_block, kv_block, causal);
   for (std::int64_t qb = 0; qb < bld.num_q_blocks(); ++qb) {
     const std::int64_t d = detail::diagonal_block(bld, qb, seq_q, q_block, kv_block);
@@ -244,8 +251,8 @@ inline block_mask_data strided_block_mask(std::int64_t seq_q, std::int64_t seq_k
                                           causal_mode causal = causal_mode::bottom_right) {
   const detail::checker c("headwise::strided_block_mask");
   detail::check_pattern(c, seq_q, seq_kv, q_block, kv_block);
-  c.require(stride >= 1, "stride", ">= 1", detail::to_text(stride));
-  c.require(local_blocks >= 1, "local_blocks", ">= 1 (the diagonal block)", detail::to_text(local_blocks));
+  c.require(stride >= 1, "stride", ">= 1", stride);
+  c.require(local_blocks >= 1, "local_blocks", ">= 1 (the diagonal block)", local_blocks);
   block_mask_builder bld(1, 1, seq_q, seq_kv, q_block, kv_block, causal);
   for (std::int64_t qb = 0; qb < bld.num_q_blocks(); ++qb) {
     const std::int64_t d = detail::diagonal_block(bld, qb, seq_q, q_block, kv_block);

@@ -130,19 +130,19 @@ std::pair<engine::problem<diff_q, engine::pair_kv<KV>>, diff_heads> check_diff(
   c.equal(out.shape[0], batch, "out.shape[0] (batch)", "q.shape[0]");
   c.equal(out.shape[1], seq_q, "out.shape[1] (seq_q)", "q.shape[1]");
   c.equal(k.shape[3], d, "k.shape[3] (d)", "q.shape[3]");
-  c.require(k.shape[1] <= max_seq_kv, "k.shape[1] (seq_kv)", "<= 2^40 keys", to_text(k.shape[1]));
+  c.require(k.shape[1] <= max_seq_kv, "k.shape[1] (seq_kv)", "<= 2^40 keys", k.shape[1]);
   c.equal(v.shape[1], k.shape[1], "v.shape[1] (seq_kv)", "k.shape[1]");
   c.equal(out.shape[3], dv, "out.shape[3] (dim_v)", "v.shape[3]");
   c.require(h.noise >= 1, "out.shape[2] (heads_signal)",
             "fewer than q.shape[2] = " + to_text(q.shape[2]) +
                 " (q holds heads_signal + heads_noise striped heads, out the heads_signal outputs)",
-            to_text(h.signal));
+            h.signal);
   c.require(h.signal % h.noise == 0, "q.shape[2] (heads_signal + heads_noise)",
             "heads_signal = out.shape[2] = " + to_text(h.signal) + " a multiple of heads_noise",
             to_text(q.shape[2]) + " (heads_noise = " + to_text(h.noise) + ")");
   c.require(h.noise % h.pairs == 0 && h.signal % h.pairs == 0, "v.shape[2] (pairs)",
             "a divisor of heads_noise = " + to_text(h.noise) + " and heads_signal = " + to_text(h.signal),
-            to_text(h.pairs));
+            h.pairs);
   c.equal(k.shape[2], opt.shared_keys ? h.pairs : 2 * h.pairs,
           opt.shared_keys ? "k.shape[2] (pairs, shared_keys)" : "k.shape[2] (2 * pairs: k1, k2 interleaved)",
           opt.shared_keys ? "v.shape[2]" : "2 * v.shape[2]");
@@ -155,7 +155,7 @@ std::pair<engine::problem<diff_q, engine::pair_kv<KV>>, diff_heads> check_diff(
   c.require(opt.lambda.has_value() != !opt.lambda_tokens.absent(), "options.lambda",
             "exactly one of options.lambda and options.lambda_tokens",
             opt.lambda ? "both" : "neither");
-  if (opt.lambda) c.require(std::isfinite(*opt.lambda), "options.lambda", "a finite value", to_text(*opt.lambda));
+  if (opt.lambda) c.require(std::isfinite(*opt.lambda), "options.lambda", "a finite value", *opt.lambda);
   if (!opt.lambda_tokens.absent()) {
     const auto& t = opt.lambda_tokens;
     c.view(t, "options.lambda_tokens", {1, 0, 1}, {"batch", "seq_q", "heads_signal"});
@@ -170,15 +170,15 @@ std::pair<engine::problem<diff_q, engine::pair_kv<KV>>, diff_heads> check_diff(
                    "a finite value", to_text(t(b, i, s)));
   }
   c.require(opt.norm == diff_norm::rms || opt.norm == diff_norm::none, "options.norm", "rms or none",
-            to_text(static_cast<int>(opt.norm)));
+            static_cast<int>(opt.norm));
   if (opt.norm == diff_norm::rms) {
     c.require(opt.lambda_init.has_value(), "options.lambda_init",
               "the layer's λ_init with diff_norm::rms (the output factor 1 - λ_init; see "
               "headwise::model::diff_lambda_init)",
               "none");
-    c.require(std::isfinite(*opt.lambda_init), "options.lambda_init", "a finite value", to_text(*opt.lambda_init));
+    c.require(std::isfinite(*opt.lambda_init), "options.lambda_init", "a finite value", *opt.lambda_init);
     c.require(std::isfinite(opt.norm_eps) && opt.norm_eps > 0.0f, "options.norm_eps", "a finite value > 0",
-              to_text(opt.norm_eps));
+              opt.norm_eps);
     if (!opt.norm_weight.absent()) {
       c.view(opt.norm_weight, "options.norm_weight", {1}, {"dim_v"});
       c.equal(opt.norm_weight.shape[0], dv, "options.norm_weight.shape[0] (dim_v)", "v.shape[3]");

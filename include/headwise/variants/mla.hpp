@@ -45,7 +45,7 @@ inline void check_mla(const checker& c, const attention_options& opt, std::int64
             "none");
   c.equal(latent_dim, dim_qk, latent_arg + " (d_c + d_rope)", "the queries' dim_qk");
   c.require(d_c >= 1 && d_c <= dim_qk, out_arg + " (d_c)",
-            "1..dim_qk = " + to_text(dim_qk) + " (V is the first d_c values of each latent row)", to_text(d_c));
+            "1..dim_qk = " + to_text(dim_qk) + " (V is the first d_c values of each latent row)", d_c);
 }
 
 /// The prologue both entry points share: q and out views, the MLA checks against the latent
@@ -81,7 +81,7 @@ void mla_absorbed(tensor_view<const float, 4> q, tensor_view<T, 3> latent, tenso
   const auto [k, v] = detail::check_mla_call<KV>(c, q, lat, "latent", {1, 0, 1}, {"batch", "seq_kv", "d_c + d_rope"},
                                                  out, options);
   c.equal(lat.shape[0], q.shape[0], "latent.shape[0] (batch)", "q.shape[0]");
-  c.require(lat.shape[1] <= detail::max_seq_kv, "latent.shape[1] (seq_kv)", "<= 2^40 keys", detail::to_text(lat.shape[1]));
+  c.require(lat.shape[1] <= detail::max_seq_kv, "latent.shape[1] (seq_kv)", "<= 2^40 keys", lat.shape[1]);
   // Outputs against the latent under its own name (check_attention sees it as k and v).
   c.no_alias(out, "out", lat, "latent");
   if (!lse.absent()) {

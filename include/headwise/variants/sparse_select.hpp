@@ -181,8 +181,8 @@ inline void vertical_slash_index(block_mask_builder& builder, std::int64_t b, st
                                  std::int64_t block, std::span<const std::int64_t> vertical,
                                  std::span<const std::int64_t> slash) {
   const detail::checker c("headwise::vertical_slash_index");
-  c.require(block >= 1, "block", ">= 1", detail::to_text(block));
-  c.require(seq >= 0, "seq", ">= 0", detail::to_text(seq));
+  c.require(block >= 1, "block", ">= 1", block);
+  c.require(seq >= 0, "seq", ">= 0", seq);
   const std::int64_t nb = (seq + block - 1) / block;
   c.require(builder.num_q_blocks() == nb && builder.num_kv_blocks() == nb, "builder",
             "ceil(seq/block) = " + detail::to_text(nb) + " query and key blocks",
@@ -265,34 +265,37 @@ engine::head_mapper check_qk(const checker& c, tensor_view<const float, 4> q, te
   c.equal(k.shape[3], q.shape[3], "k.shape[3] (dim_qk)", "q.shape[3]");
   c.require(q.shape[1] == k.shape[1], "q.shape[1] (seq_q)",
             "seq_q == seq_kv = k.shape[1] = " + to_text(k.shape[1]) + " (causal prefill selection)",
-            to_text(q.shape[1]));
+            q.shape[1]);
   c.require(q.shape[1] <= std::numeric_limits<std::int32_t>::max(), "q.shape[1] (seq_q)",
-            "<= 2^31 - 1 (int32 mask indices)", to_text(q.shape[1]));
+            "<= 2^31 - 1 (int32 mask indices)", q.shape[1]);
   attention_options ao;
   ao.heads = heads;
   const engine::head_mapper hm = check_heads(c, ao, q.shape[2], k.shape[2], "k.shape[2] (heads_kv)");
-  c.require(num_threads >= 0, "options.num_threads", ">= 0 (0 = OpenMP default)", to_text(num_threads));
+  c.require(num_threads >= 0, "options.num_threads", ">= 0 (0 = OpenMP default)", num_threads);
   return hm;
 }
 
 inline void check_unit(const checker& c, double x, const char* arg) {
-  c.require(x > 0.0 && x <= 1.0, arg, "a value in (0, 1]", to_text(x));
+  c.require(x > 0.0 && x <= 1.0, arg, "a value in (0, 1]", x);
 }
 /// A block size the executor accepts as q_block (block_sparse_attention: [1, 1024]).
 inline void check_block(const checker& c, std::int64_t x, const char* arg) {
-  c.require(x >= 1 && x <= max_q_block, arg, "in [1, 1024]", to_text(x));
+  c.require(x >= 1 && x <= max_q_block, arg, "in [1, 1024]", x);
 }
 inline void check_min(const checker& c, std::int64_t x, std::int64_t lo, const char* arg) {
-  c.require(x >= lo, arg, ">= " + to_text(lo), to_text(x));
+  c.require(x >= lo, arg, ">= " + to_text(lo), x);
 }
 
 /// Runs f(item, thread) over n items on resolve_threads(num_threads) threads.
 template <class F>
 void for_items(std::int64_t n, int threads, F&& f) {
   const int nt = engine::resolve_threads(threads, n);
-  HEADWISE_OMP(parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1))
-  for (std::int64_t it = 0; it < n; ++it) f(it, engine::thread_index());
-  (void)nt;
+  if (nt > 1) {
+    HEADWISE_OMP(parallel for num_threads(nt) schedule(dynamic, 1))
+    for (std::int64_t it = 0; it < n; ++it) f(it, engine::thread_index());
+  } else {  // in place, as thread 0 (see engine::run)
+    for (std::int64_t it = 0; it < n; ++it) f(it, 0);
+  }
 }
 
 /// Indices of the k largest scores, by (score descending, index ascending); NaN sorts last.
@@ -904,7 +907,7 @@ sparse_selection xattention_select(tensor_view<const float, 4> q, tensor_view<KT
   ss::check_block(c, options.block, "options.block");
   ss::check_min(c, options.stride, 1, "options.stride");
   c.require(options.block % options.stride == 0, "options.stride",
-            "a divisor of options.block = " + detail::to_text(options.block), detail::to_text(options.stride));
+            "a divisor of options.block = " + detail::to_text(options.block), options.stride);
   ss::check_unit(c, options.threshold, "options.threshold");
 
   const std::int64_t batch = q.shape[0], N = q.shape[1], H = hm.heads_out;

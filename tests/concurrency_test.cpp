@@ -32,6 +32,10 @@
 
 #include "common/testing.hpp"
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 namespace {
 
 using namespace hwt;
@@ -303,5 +307,42 @@ TEST(Concurrency, concurrent_mixed_kernels) {
               {"mla_absorbed split decode", mla_case()},
               {"diff_attention GDA rms", diff_case()}});
 }
+
+#if defined(_OPENMP)
+// Calls made by the threads of the caller's own OpenMP team: headwise then runs each call on
+// its calling thread, in place (no region of its own), with that thread's scratch, and must
+// not index anything by the caller's omp_get_thread_num() (3 here, not 0). Bitwise equal to
+// the same calls made serially, outside any region.
+TEST(Concurrency, calls_inside_an_openmp_parallel_region) {
+  const std::vector<std::pair<std::string, maker_fn>> cases = {
+      {"attention f32 decode (default splits)", dense_case<float>(kDecodeLong, prefill_options())},
+      {"attention_blocked f16 decode (64-key splits)", dense_case<f16>(kDecodeShort, banded_options(), short_splits())},
+      {"attention_paged bf16 causal chunk", paged_case(5, banded_options())},
+      {"mla_absorbed split decode", mla_case()},
+      {"diff_attention GDA rms", diff_case()}};
+  std::vector<call_fn> calls;
+  std::vector<std::vector<float>> expected;
+  for (const auto& c : cases) {
+    calls.push_back(c.second(2000));
+    expected.push_back(calls.back()());
+  }
+  std::vector<std::vector<std::string>> errors(kThreads);
+  int team = 0;
+#pragma omp parallel num_threads(kThreads)
+  {
+    const int t = omp_get_thread_num();
+#pragma omp single
+    team = omp_get_num_threads();
+    for (std::size_t i = 0; i < calls.size(); ++i) {
+      const std::size_t c = (i + sz(t)) % calls.size();
+      const std::vector<float> got = calls[c]();
+      if (got != expected[c]) errors[sz(t)].push_back(cases[c].first + ": OpenMP thread " + std::to_string(t));
+    }
+  }
+  EXPECT_EQ(team, kThreads) << "the region did not get its threads; the test ran fewer callers";
+  for (const auto& e : errors)
+    for (const auto& msg : e) ADD_FAILURE() << msg << " differs from the serial call";
+}
+#endif
 
 }  // namespace

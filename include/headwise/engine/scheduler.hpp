@@ -213,10 +213,9 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
     scratch.partial.resize(static_cast<std::size_t>(partial_floats));
   aligned_vector<float>& partial = scratch.partial;
 
-  HEADWISE_OMP(parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1))
-  for (std::int64_t it = 0; it < n_items; ++it) {
+  auto run_item = [&](std::int64_t it, int thread) {
     const work_item& wi = items[static_cast<std::size_t>(it)];
-    workspace& mine = ws[static_cast<std::size_t>(thread_index())];
+    workspace& mine = ws[static_cast<std::size_t>(thread)];
     const auto mask = make_mask(ms, wi.b, wi.hk, pb.qs.len(wi.b), pb.ks.len(wi.b));
     const std::int64_t rows = (wi.p1 - wi.p0) * g;  // per KV head
     auto go = [&](auto& lay, std::int64_t bk) {
@@ -234,19 +233,27 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
       if (wi.keys) {
         key_lanes<Arch> lay(mine, rows, hkv, pb.dim_qk, dv, bk_k);
         go(lay, bk_k);
-        continue;
+        return;
       }
     }
     const std::int64_t np = wi.p1 - wi.p0;
     query_lanes<Arch> lay(mine, np * seg0, np * seg1, pb.dim_qk, dv, wi.p0 == 0 && wi.p1 == pb.qs.len(wi.b));
     go(lay, bk_q);
+  };
+  // One thread runs the items in place, as thread 0 (inside a caller's parallel region
+  // omp_get_thread_num() is the caller's index): an OpenMP region, even if(false), costs a team
+  // and, with libgomp, a futex wake per call (microseconds, a large part of a short decode call).
+  if (nt > 1) {
+    HEADWISE_OMP(parallel for num_threads(nt) schedule(dynamic, 1))
+    for (std::int64_t it = 0; it < n_items; ++it) run_item(it, 0);
+  } else {
+    for (std::int64_t it = 0; it < n_items; ++it) run_item(it, 0);
   }
 
   // Split-KV reduce: fold each group's partial states in split order, then write the rows.
   const auto n_groups = static_cast<std::int64_t>(groups.size());
   [[maybe_unused]] const int nt2 = resolve_threads(num_threads, n_groups);
-  HEADWISE_OMP(parallel for num_threads(nt2) schedule(static) if (nt2 > 1))
-  for (std::int64_t gi = 0; gi < n_groups; ++gi) {
+  auto merge_group = [&](std::int64_t gi) {
     const split_group& sg = groups[static_cast<std::size_t>(gi)];
     const std::int64_t stride = sg.rows * (dv + 1);
     float* acc = partial.data() + sg.partial;  // split 0, merged in place
@@ -264,6 +271,12 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
       t.set_lse(r, pos, head, acc_lse[r]);
     }
     t.done(sg.hk, sg.nh, sg.p0, sg.p1);
+  };
+  if (nt2 > 1) {
+    HEADWISE_OMP(parallel for num_threads(nt2) schedule(static))
+    for (std::int64_t gi = 0; gi < n_groups; ++gi) merge_group(gi);
+  } else {
+    for (std::int64_t gi = 0; gi < n_groups; ++gi) merge_group(gi);
   }
 }
 

@@ -245,7 +245,7 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
   // and, with libgomp, a futex wake per call (microseconds, a large part of a short decode call).
   if (nt > 1) {
     HEADWISE_OMP(parallel for num_threads(nt) schedule(dynamic, 1))
-    for (std::int64_t it = 0; it < n_items; ++it) run_item(it, 0);
+    for (std::int64_t it = 0; it < n_items; ++it) run_item(it, thread_index());
   } else {
     for (std::int64_t it = 0; it < n_items; ++it) run_item(it, 0);
   }

@@ -24,14 +24,16 @@ inline engine::head_mapper check_heads(const checker& c, const attention_options
   c.require(opt.heads == head_map::interleave || opt.heads == head_map::tile, "options.heads",
             "interleave or tile", static_cast<int>(opt.heads));
   if (opt.heads == head_map::interleave) {
-    c.require(heads_q % heads_kv == 0, kv_arg,
-              "a divisor of heads_q = " + to_text(heads_q) +
-                  " for head_map::interleave (use head_map::tile for heads_kv > heads_q, reverse SQA)",
-              heads_kv);
+    if (heads_q % heads_kv != 0)
+      c.fail(kv_arg,
+             "a divisor of heads_q = " + to_text(heads_q) +
+                 " for head_map::interleave (use head_map::tile for heads_kv > heads_q, reverse SQA)",
+             to_text(heads_kv));
   } else {
     const std::int64_t hi = std::max(heads_q, heads_kv), lo = std::min(heads_q, heads_kv);
-    c.require(hi % lo == 0, kv_arg, "heads_q and heads_kv where one divides the other for head_map::tile",
-              "heads_q = " + to_text(heads_q) + ", heads_kv = " + to_text(heads_kv));
+    if (hi % lo != 0)
+      c.fail(kv_arg, "heads_q and heads_kv where one divides the other for head_map::tile",
+             "heads_q = " + to_text(heads_q) + ", heads_kv = " + to_text(heads_kv));
   }
   return engine::head_mapper::make(opt.heads, heads_q, heads_kv);
 }

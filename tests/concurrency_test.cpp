@@ -311,8 +311,10 @@ TEST(Concurrency, concurrent_mixed_kernels) {
 #if defined(_OPENMP)
 // Calls made by the threads of the caller's own OpenMP team: headwise then runs each call on
 // its calling thread, in place (no region of its own), with that thread's scratch, and must
-// not index anything by the caller's omp_get_thread_num() (3 here, not 0). Bitwise equal to
-// the same calls made serially, outside any region.
+// not index anything by the caller's omp_get_thread_num() (3 here, not 0: the pool threads'
+// own scratch holds one workspace, so such an index reads past it and crashes the test).
+// Equal to the same calls made outside any region (float ==, as the other tests' memcmp but
+// for the sign of zero).
 TEST(Concurrency, calls_inside_an_openmp_parallel_region) {
   const std::vector<std::pair<std::string, maker_fn>> cases = {
       {"attention f32 decode (default splits)", dense_case<float>(kDecodeLong, prefill_options())},

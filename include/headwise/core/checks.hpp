@@ -26,9 +26,10 @@ struct byte_range {
   }
 };
 
-/// Builds the messages of argument_error for one entry point. Checks cost nothing but the
-/// test when they pass: names are string_views (literals need no allocation) and a `given` value
-/// is formatted only on failure, so a call with a short cache is not dominated by its checks.
+/// Builds the messages of argument_error for one entry point. A passing check costs little
+/// more than its test: names are string_views (literals need no allocation) and a `given`
+/// value is formatted only on failure, so a call with a short cache is not dominated by its
+/// checks (callers that concatenate names or bounds still pay for that: docs/design.md).
 class checker {
  public:
   explicit checker(std::string function) : fn_(std::move(function)) {}

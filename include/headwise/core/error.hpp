@@ -31,7 +31,8 @@ namespace detail {
 /// some messages format their bounds eagerly).
 template <class T>
 std::string to_text(const T& v) {
-  // Not the character types (a stream prints those as characters) nor bool.
+  // Not bool nor the character types (a stream prints char as a character; the others it
+  // does not take at all).
   if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool> && !std::is_same_v<T, char> &&
                 !std::is_same_v<T, signed char> && !std::is_same_v<T, unsigned char> &&
                 !std::is_same_v<T, wchar_t> && !std::is_same_v<T, char8_t> && !std::is_same_v<T, char16_t> &&

@@ -256,6 +256,22 @@ inline void pv_tile(float* o, std::ptrdiff_t ld_o, const float* alpha, const flo
 
 namespace headwise::tile {
 
+/// Keeps a vector that several FMAs read in a register. GCC otherwise folds its load into
+/// each FMA as a memory operand (equivalent, and "free" in its cost model), which turns one
+/// load into Rows or KU loads per step: qk_rows was bound by loads, not FMAs, before this
+/// (docs/benchmarks.md, "2026-12-06 (night)"). An empty asm statement that claims to change
+/// the register: no instruction, only a value the compiler cannot rematerialize from memory.
+template <class Arch>
+inline void keep_in_register(xsimd::batch<float, Arch>& x) noexcept {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  auto r = static_cast<typename xsimd::batch<float, Arch>::register_type>(x);
+  asm("" : "+v"(r));
+  x = xsimd::batch<float, Arch>(r);
+#else
+  (void)x;
+#endif
+}
+
 /// Key-lane P·V: O_buf[r][c] = α[r]·O_buf[r][c] + Σ_j P_buf[r][j] · V[j][c0 + c] for Rows query
 /// rows and Vecs vectors of value dims, over n keys. o: (Rows, ld_o) aligned; p: (Rows, ld_p);
 /// v[j]: key j's value row in its storage dtype T, read in place (converted as loaded; any
@@ -324,25 +340,31 @@ inline void pv_tile_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, cons
   }
 }
 
-/// lanes vectors -> one vector of their horizontal sums (lane i = Σ v[i]): xsimd's haddp where
-/// the arch has it, a lane-by-lane reduction elsewhere.
+#if XSIMD_WITH_AVX512F
+/// AVX-512 fold, first half: four vectors -> one whose 128-bit block b holds, in order, the
+/// sums of block b of v0, v1, v2, v3 (pair sums by unpack, then quad sums by shuffle).
+inline __m512 fold4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) noexcept {
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+  return _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
+}
+/// AVX-512 fold, second half: four fold4 results (of v[0..3], v[4..7], ...) -> lane i = Σ v[i].
+inline __m512 fold_quads(__m512 u0, __m512 u1, __m512 u2, __m512 u3) noexcept {
+  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
+  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u2, u3, 0x88), _mm512_shuffle_f32x4(u2, u3, 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
+}
+#endif
+
+/// lanes vectors -> one vector of their horizontal sums (lane i = Σ v[i]): fold4/fold_quads on
+/// AVX-512, xsimd's haddp where the arch has it, a lane-by-lane reduction elsewhere.
 template <class Arch>
 inline xsimd::batch<float, Arch> fold_lanes(const xsimd::batch<float, Arch>* v) noexcept {
   using B = xsimd::batch<float, Arch>;
 #if XSIMD_WITH_AVX512F
   if constexpr (is_avx512_v<Arch>) {
-    // 16 -> 8: per 128-bit block, pair sums of v[2k] and v[2k+1] interleaved.
-    __m512 t[8];
-    for (int k = 0; k < 8; ++k)
-      t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
-    // 8 -> 4: per block, the block's sum of v[4m..4m+3] in order.
-    __m512 u[4];
-    for (int m = 0; m < 4; ++m)
-      u[m] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * m], t[2 * m + 1], 0x44), _mm512_shuffle_ps(t[2 * m], t[2 * m + 1], 0xEE));
-    // 4 -> 2 -> 1: add the blocks; block k of the result holds v[4k..4k+3].
-    const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
-    const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
+    return fold_quads(fold4(v[0], v[1], v[2], v[3]), fold4(v[4], v[5], v[6], v[7]), fold4(v[8], v[9], v[10], v[11]),
+                      fold4(v[12], v[13], v[14], v[15]));
   } else
 #endif
   if constexpr (std::is_base_of_v<xsimd::avx, Arch> || std::is_base_of_v<xsimd::sse3, Arch>) {
@@ -371,10 +393,18 @@ inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_
   auto prefetch_next = [&](std::ptrdiff_t j) {
     if (next != nullptr && next[j] != nullptr) prefetch_l2(next[j], row_bytes);
   };
-  B acc[Rows][w];
-  std::ptrdiff_t j = 0;
   // KU keys at a time: each Q vector is loaded once for all of them, Rows·KU accumulators.
   constexpr int KU = Rows <= 4 ? 4 : 2;
+  // AVX-512 with 4-key blocks: each block's accumulators fold at once (fold4) into one vector
+  // per row, instead of waiting in acc for the whole fold: 4 vectors per row to keep, not 16;
+  // the same additions in the same order (fold_lanes), so the same S.
+#if XSIMD_WITH_AVX512F
+  constexpr bool quads = is_avx512_v<Arch> && KU == 4 && w == 16;
+#else
+  constexpr bool quads = false;
+#endif
+  B acc[Rows][quads ? 4 : w];
+  std::ptrdiff_t j = 0;
   for (; j + KU <= n; j += KU) {
     reg_tile<Rows, KU, Arch> a;
     const T* kr[KU];
@@ -388,21 +418,41 @@ inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_
     auto step = [&](std::ptrdiff_t c, auto load) {
       reg_vec<KU, Arch> x;
       HEADWISE_UNROLL
-      for (int u = 0; u < KU; ++u) x.v[u] = load(kr[u] + c);
+      for (int u = 0; u < KU; ++u) {
+        x.v[u] = load(kr[u] + c);
+        keep_in_register(x.v[u]);
+      }
       HEADWISE_UNROLL
       for (int r = 0; r < Rows; ++r) {
-        const B qv = B::load_aligned(q + r * ld_q + c);
+        B qv = B::load_aligned(q + r * ld_q + c);
+        keep_in_register(qv);
         HEADWISE_UNROLL
         for (int u = 0; u < KU; ++u) a.v[r][u] = xsimd::fma(qv, x.v[u], a.v[r][u]);
       }
     };
     for (std::ptrdiff_t c = 0; c < full; c += w) step(c, [](const T* p) { return load_as_float<Arch>(p); });
     if (tail > 0) step(full, [tail](const T* p) { return load_as_float_partial<Arch>(p, tail); });
-    HEADWISE_UNROLL
-    for (int r = 0; r < Rows; ++r)
+#if XSIMD_WITH_AVX512F
+    if constexpr (quads) {
       HEADWISE_UNROLL
-      for (int u = 0; u < KU; ++u) acc[r][j + u] = a.v[r][u];
+      for (int r = 0; r < Rows; ++r) acc[r][j / 4] = fold4(a.v[r][0], a.v[r][1], a.v[r][2], a.v[r][3]);
+    } else
+#endif
+    {
+      HEADWISE_UNROLL
+      for (int r = 0; r < Rows; ++r)
+        HEADWISE_UNROLL
+        for (int u = 0; u < KU; ++u) acc[r][j + u] = a.v[r][u];
+    }
   }
+  B rest[Rows][quads ? 4 : 1];  // quads: the last, partial block's keys (zeros past n)
+  if constexpr (quads) {
+    for (int r = 0; r < Rows; ++r)
+      for (int u = 0; u < 4; ++u) rest[r][u] = B(0.0f);
+  } else {
+    (void)rest;
+  }
+  const std::ptrdiff_t j_rest = j;
   for (; j < n; ++j) {
     reg_vec<Rows, Arch> a;
     HEADWISE_UNROLL
@@ -420,13 +470,37 @@ inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_
       for (int r = 0; r < Rows; ++r) a.v[r] = xsimd::fma(B::load_aligned(q + r * ld_q + full), x0, a.v[r]);
     }
     HEADWISE_UNROLL
-    for (int r = 0; r < Rows; ++r) acc[r][j] = a.v[r];
+    for (int r = 0; r < Rows; ++r) {
+      if constexpr (quads) {
+        rest[r][j - j_rest] = a.v[r];
+      } else {
+        acc[r][j] = a.v[r];
+      }
+    }
   }
-  for (; j < w; ++j)
+#if XSIMD_WITH_AVX512F
+  if constexpr (quads) {
+    std::ptrdiff_t q4 = j_rest / 4;
+    if (j > j_rest) {
+      HEADWISE_UNROLL
+      for (int r = 0; r < Rows; ++r) acc[r][q4] = fold4(rest[r][0], rest[r][1], rest[r][2], rest[r][3]);
+      ++q4;
+    }
+    for (; q4 < 4; ++q4)
+      HEADWISE_UNROLL
+      for (int r = 0; r < Rows; ++r) acc[r][q4] = B(0.0f);
     HEADWISE_UNROLL
-    for (int r = 0; r < Rows; ++r) acc[r][j] = B(0.0f);
-  HEADWISE_UNROLL
-  for (int r = 0; r < Rows; ++r) fold_lanes<Arch>(acc[r]).store_aligned(s + r * ld_s);
+    for (int r = 0; r < Rows; ++r)
+      B(fold_quads(acc[r][0], acc[r][1], acc[r][2], acc[r][3])).store_aligned(s + r * ld_s);
+  } else
+#endif
+  {
+    for (; j < w; ++j)
+      HEADWISE_UNROLL
+      for (int r = 0; r < Rows; ++r) acc[r][j] = B(0.0f);
+    HEADWISE_UNROLL
+    for (int r = 0; r < Rows; ++r) fold_lanes<Arch>(acc[r]).store_aligned(s + r * ld_s);
+  }
 }
 
 namespace detail {

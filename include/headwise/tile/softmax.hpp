@@ -130,14 +130,36 @@ HEADWISE_DIAGNOSTICS_PUSH
 
 namespace headwise::tile {
 
-/// Horizontal max of a vector (xsimd 8.1 has no reduce_max).
+/// Horizontal max of a vector (xsimd 8.1 has no reduce_max): a shuffle tree on AVX-512 and
+/// AVX (log2(lanes) steps, not a serial scan), lane by lane elsewhere.
 template <class Arch>
 inline float reduce_max(xsimd::batch<float, Arch> x) noexcept {
-  alignas(64) float buf[xsimd::batch<float, Arch>::size];
-  x.store_aligned(buf);
-  float m = buf[0];
-  for (std::size_t i = 1; i < xsimd::batch<float, Arch>::size; ++i) m = buf[i] > m ? buf[i] : m;
-  return m;
+#if XSIMD_WITH_AVX512F
+  if constexpr (is_avx512_v<Arch>) {
+    __m512 v = x;
+    v = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));  // swap 256-bit halves
+    v = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));  // swap 128-bit blocks in pairs
+    v = _mm512_max_ps(v, _mm512_permute_ps(v, 0x4E));        // swap 64-bit pairs
+    v = _mm512_max_ps(v, _mm512_permute_ps(v, 0xB1));        // swap neighbours
+    return _mm512_cvtss_f32(v);
+  } else
+#endif
+#if XSIMD_WITH_AVX
+  if constexpr (std::is_base_of_v<xsimd::avx, Arch>) {
+    __m256 v = x;
+    v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 0x01));
+    v = _mm256_max_ps(v, _mm256_permute_ps(v, 0x4E));
+    v = _mm256_max_ps(v, _mm256_permute_ps(v, 0xB1));
+    return _mm256_cvtss_f32(v);
+  } else
+#endif
+  {
+    alignas(64) float buf[xsimd::batch<float, Arch>::size];
+    x.store_aligned(buf);
+    float m = buf[0];
+    for (std::size_t i = 1; i < xsimd::batch<float, Arch>::size; ++i) m = buf[i] > m ? buf[i] : m;
+    return m;
+  }
 }
 
 /// Key-lane online-softmax step on a (rows, ld_s) row-major tile of n keys (n <= ld_s): for

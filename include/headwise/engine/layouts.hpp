@@ -286,17 +286,27 @@ struct key_lanes {
   /// tile's first head's): qk and pv prefetch key j's next K and V row into L2 as they compute
   /// key j, a few lines at a time, instead of leaving the next rows to the hardware
   /// prefetchers, which do not run far enough ahead. V inside K (MLA) is fetched once.
-  template <class KRow, class VRow>
-  void next_rows(std::int64_t n_next, KRow&& k_row, VRow&& v_row) {
+  template <class KV, class KRow, class VRow>
+  void next_rows(std::int64_t n_next, const kv_tile_rows<KV>& t, KRow&& k_row, VRow&& v_row) {
     has_next = n_next > 0;
     if (!has_next) return;
-    for (std::int64_t j = 0; j < ld_kt; ++j) {
-      const auto u = static_cast<std::size_t>(j);
-      const void* k = j < n_next ? static_cast<const void*>(k_row(j)) : nullptr;
-      const void* v = j < n_next ? static_cast<const void*>(v_row(j)) : nullptr;
-      ws.k_next[u] = k;
-      ws.v_next[u] = v == k ? nullptr : v;
+    const void** kn = ws.k_next.data();
+    const void** vn = ws.v_next.data();
+    if (t.k != nullptr) {  // rows at a fixed stride: no per-row index arithmetic
+      const bool v_in_k = t.v == t.k && t.ld_v == t.ld_k;
+      for (std::int64_t j = 0; j < n_next; ++j) {
+        kn[j] = t.k + j * t.ld_k;
+        vn[j] = v_in_k ? nullptr : t.v + j * t.ld_v;
+      }
+    } else {
+      for (std::int64_t j = 0; j < n_next; ++j) {
+        const void* k = k_row(j);
+        const void* v = v_row(j);
+        kn[j] = k;
+        vn[j] = v == k ? nullptr : v;
+      }
     }
+    for (std::int64_t j = n_next; j < ld_kt; ++j) kn[j] = vn[j] = nullptr;
   }
 
   template <class Row>
@@ -331,12 +341,22 @@ struct key_lanes {
   /// The tile's K and V rows, in place; V converted into a zero-padded buffer only when dim_v
   /// is not a whole number of vectors.
   template <class KV, class KRow, class VRow>
-  void load(const kv_tile_rows<KV>& /*t*/, KRow&& k_row, VRow&& v_row, std::int64_t n) {
+  void load(const kv_tile_rows<KV>& t, KRow&& k_row, VRow&& v_row, std::int64_t n) {
     n_pad = tile::round_up(n, w);
-    for (std::int64_t j = 0; j < n; ++j) ws.k_ptr[static_cast<std::size_t>(j)] = k_row(j);
+    const void** kp = ws.k_ptr.data();
+    const void** vp = ws.v_ptr.data();
+    const bool v_in_place = dv == dv_pad;
     k_kind = kind_of<KV>();
-    if (dv == dv_pad) {
-      for (std::int64_t j = 0; j < n; ++j) ws.v_ptr[static_cast<std::size_t>(j)] = v_row(j);
+    if (t.k != nullptr) {  // rows at a fixed stride: no per-row index arithmetic
+      for (std::int64_t j = 0; j < n; ++j) kp[j] = t.k + j * t.ld_k;
+      if (v_in_place)
+        for (std::int64_t j = 0; j < n; ++j) vp[j] = t.v + j * t.ld_v;
+    } else {
+      for (std::int64_t j = 0; j < n; ++j) kp[j] = k_row(j);
+      if (v_in_place)
+        for (std::int64_t j = 0; j < n; ++j) vp[j] = v_row(j);
+    }
+    if (v_in_place) {
       v_kind = kind_of<KV>();
       return;
     }

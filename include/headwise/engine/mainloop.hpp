@@ -138,7 +138,7 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
       auto k_row = [&](std::int64_t j) { return pb.ks.k_row(b, key(j), hk); };
       auto v_row = [&](std::int64_t j) { return pb.ks.v_row(b, key(j), hk); };
       const auto rows_in_place = cols ? decltype(pb.ks.tile(b, a, n, hk)){} : pb.ks.tile(b, a, n, hk);
-      if constexpr (requires { lay.next_rows(std::int64_t{}, k_row, v_row); }) {
+      if constexpr (requires { lay.next_rows(std::int64_t{}, rows_in_place, k_row, v_row); }) {
         // Key lanes: the rows read after this head's, the next head's of this tile (the first
         // head's of the next tile after the last head), go to L2 a few lines per key from inside
         // this head's kernels, so that the fetch overlaps the FMAs (docs/benchmarks.md,
@@ -152,8 +152,12 @@ void attend_block(const problem<QS, KS>& pb, const Mask& mask, const Score& scor
         }
         const std::int64_t n_next =
             cols != nullptr ? (an == a ? n : 0) : std::clamp<std::int64_t>(kv_end - an, 0, n);
+        // In place (no gather): the next rows as a strided run where the source has one.
+        const auto next_in_place =
+            cols != nullptr || n_next == 0 ? decltype(rows_in_place){} : pb.ks.tile(b, an, n_next, hn);
         lay.next_rows(
-            n_next, [&](std::int64_t j) { return pb.ks.k_row(b, cols != nullptr ? key(j) : an + j, hn); },
+            n_next, next_in_place,
+            [&](std::int64_t j) { return pb.ks.k_row(b, cols != nullptr ? key(j) : an + j, hn); },
             [&](std::int64_t j) { return pb.ks.v_row(b, cols != nullptr ? key(j) : an + j, hn); });
       }
       if constexpr (two_keys) {

@@ -6,8 +6,8 @@
 // that no call writes memory another call reads.
 //
 // The cases: attention f32 and bf16 prefill (GQA, causal, window, sinks, softcap, LSE), decode
-// with split-KV (the default blocking's splits past 2048 keys, and attention_blocked with short
-// splits, f32 and f16), attention_paged (bf16 pages, decode and a causal chunk), mla_absorbed
+// with split-KV (the default blocking's splits, at least 16 of at least 256 keys, and
+// attention_blocked with short splits, f32 and f16), attention_paged (bf16 pages, decode and a causal chunk), mla_absorbed
 // (a split decode over the latent cache) and diff_attention (GDA, RMSNorm, both LSEs).
 //
 // ThreadSanitizer (OpenMP off: libgomp is not instrumented):
@@ -201,7 +201,7 @@ attention_options banded_options() {
   return o;
 }
 constexpr dense_shape kPrefill{2, 48, 53, 8, 2, 32, 32};
-constexpr dense_shape kDecodeLong{2, 1, 2100, 8, 2, 64, 64};  // > 2048 keys: split by default
+constexpr dense_shape kDecodeLong{2, 1, 2100, 8, 2, 64, 64};  // split by default (9 splits of 256 keys)
 constexpr dense_shape kDecodeShort{2, 2, 300, 8, 2, 64, 48};  // split every 64 keys (blocked)
 
 headwise::engine::blocking short_splits() {

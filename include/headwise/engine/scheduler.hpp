@@ -73,13 +73,19 @@ inline std::int64_t query_lane_split(const blocking& blk, std::int64_t rows, std
   return std::max(keys, seq_kv / max_splits + (seq_kv % max_splits != 0));
 }
 
-/// Keys per split of a key-lane (decode) item: split_kv, raised so that a sequence has at most
-/// 1024 splits. Real caches never reach the cap before 2M keys (their partial states stay far
-/// below the cache); zero-stride views of 2^40 keys would otherwise allocate 2^29 partial states.
+/// Keys per split of a key-lane (decode) item: at most split_kv, and short enough that the
+/// sequence has at least min_splits splits of at least min_keys keys (a multiple of min_keys),
+/// so that one sequence of a few thousand keys still gives 16 cores work (a 4k-key cache had
+/// 2 splits of 2048; docs/benchmarks.md, 2026-12-06 (night)); then raised so that a sequence
+/// has at most 1024 splits. Real caches never reach that cap before 2M keys (their partial
+/// states stay far below the cache); zero-stride views of 2^40 keys would otherwise allocate
+/// 2^29 partial states. Shapes only, never threads.
 inline std::int64_t key_lane_split(const blocking& blk, std::int64_t seq_kv) noexcept {
   if (blk.split_kv <= 0) return 0;
-  constexpr std::int64_t max_splits = 1024;
-  return std::max(blk.split_kv, seq_kv / max_splits + (seq_kv % max_splits != 0));
+  constexpr std::int64_t max_splits = 1024, min_splits = 16, min_keys = 256;
+  const std::int64_t even = tile::round_up(seq_kv / min_splits + (seq_kv % min_splits != 0), min_keys);
+  const std::int64_t split = std::min(blk.split_kv, std::max(min_keys, even));
+  return std::max(split, seq_kv / max_splits + (seq_kv % max_splits != 0));
 }
 
 /// A mask spec whose mask depends on the work item (block-sparse: per sequence and head)

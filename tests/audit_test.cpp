@@ -1928,8 +1928,8 @@ TEST(audit, audit_fixed_paged_capacity_saturates) {
 
 TEST(audit, audit_fixed_key_lane_splits_bounded) {
   // A sequence has at most 1024 decode splits, so the partial states of a zero-stride view of
-  // 2^40 keys are bounded (they were 2^29 states); shorter caches get at least 16 splits of at
-  // least 256 keys (multiples of 256), never more than split_kv keys each.
+  // 2^40 keys are bounded (they were 2^29 states); shorter caches get about 16 splits (a 16th
+  // rounded up to a multiple of 256 keys, at least 256), never more than split_kv keys each.
   namespace eng = headwise::engine;
   eng::blocking blk{};
   blk.split_kv = 2048;

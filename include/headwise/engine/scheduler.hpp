@@ -73,10 +73,11 @@ inline std::int64_t query_lane_split(const blocking& blk, std::int64_t rows, std
   return std::max(keys, seq_kv / max_splits + (seq_kv % max_splits != 0));
 }
 
-/// Keys per split of a key-lane (decode) item: at most split_kv, and short enough that the
-/// sequence has at least min_splits splits of at least min_keys keys (a multiple of min_keys),
-/// so that one sequence of a few thousand keys still gives 16 cores work (a 4k-key cache had
-/// 2 splits of 2048; docs/benchmarks.md, 2026-12-06 (night)); then raised so that a sequence
+/// Keys per split of a key-lane (decode) item: at most split_kv, and otherwise a min_splits-th
+/// of the sequence rounded up to a multiple of min_keys (at least min_keys): about min_splits
+/// splits (9-16 from 4k keys until split_kv binds; 5000 keys: 10 of 512), so that one sequence
+/// of a few thousand keys still gives 16 cores work (a 4k-key cache had 2 splits of 2048;
+/// docs/benchmarks.md, 2026-12-06 (night)); then raised so that a sequence
 /// has at most 1024 splits. Real caches never reach that cap before 2M keys (their partial
 /// states stay far below the cache); zero-stride views of 2^40 keys would otherwise allocate
 /// 2^29 partial states. Shapes only, never threads.

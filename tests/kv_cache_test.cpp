@@ -204,6 +204,10 @@ std::vector<paged_case> paged_cases() {
   v.push_back({kv_dtype::bf16, 7, 5, 8, 2, 64, extra::all});
   v.push_back({kv_dtype::f32, 16, 1, 4, 4, 80, extra::all});  // 1 row per item: key lanes on every build
   v.push_back({kv_dtype::f16, 64, 2, 8, 8, 64, extra::all});
+  // Tiles across one page boundary at any offset (two runs of rows: paged_kv_source::tile):
+  // 32-key bf16 and 16-key f32 decode tiles over 20- and 24-token pages.
+  for (const kv_dtype t : {kv_dtype::f32, kv_dtype::bf16})
+    for (const std::int64_t page : {20, 24}) v.push_back({t, page, 1, 8, 2, 64, extra::plain});
   return v;
 }
 

@@ -292,21 +292,33 @@ struct key_lanes {
     if (!has_next) return;
     const void** kn = ws.k_next.data();
     const void** vn = ws.v_next.data();
-    if (t.k != nullptr) {  // rows at a fixed stride: no per-row index arithmetic
-      const bool v_in_k = t.v == t.k && t.ld_v == t.ld_k;
-      for (std::int64_t j = 0; j < n_next; ++j) {
-        kn[j] = t.k + j * t.ld_k;
-        vn[j] = v_in_k ? nullptr : t.v + j * t.ld_v;
-      }
-    } else {
-      for (std::int64_t j = 0; j < n_next; ++j) {
-        const void* k = k_row(j);
-        const void* v = v_row(j);
-        kn[j] = k;
-        vn[j] = v == k ? nullptr : v;
-      }
-    }
+    fill_rows(t, n_next, k_row, v_row, kn, vn);
+    for (std::int64_t j = 0; j < n_next; ++j)
+      if (vn[j] == kn[j]) vn[j] = nullptr;  // V inside K (MLA): fetched once
     for (std::int64_t j = n_next; j < ld_kt; ++j) kn[j] = vn[j] = nullptr;
+  }
+  /// kp[j] / vp[j] (vp may be null: K only) = key j's K / V row for j < n: by adding the stride
+  /// along each run of the tile (dense, ragged, paged within a page or across one boundary),
+  /// row by row from the source otherwise.
+  template <class KV, class KRow, class VRow>
+  static void fill_rows(const kv_tile_rows<KV>& t, std::int64_t n, KRow&& k_row, VRow&& v_row, const void** kp,
+                        const void** vp) {
+    auto run = [&](const KV* k, const KV* v, std::int64_t j0, std::int64_t j1) {
+      for (std::int64_t j = j0; j < j1; ++j) kp[j] = k + (j - j0) * t.ld_k;
+      if (vp != nullptr)
+        for (std::int64_t j = j0; j < j1; ++j) vp[j] = v + (j - j0) * t.ld_v;
+    };
+    if (t.k != nullptr) {
+      run(t.k, t.v, 0, n);
+    } else if (t.split > 0) {
+      const std::int64_t s = std::min(t.split, n);
+      run(t.k_at[0], t.v_at[0], 0, s);
+      run(t.k_at[1], t.v_at[1], s, n);
+    } else {
+      for (std::int64_t j = 0; j < n; ++j) kp[j] = k_row(j);
+      if (vp != nullptr)
+        for (std::int64_t j = 0; j < n; ++j) vp[j] = v_row(j);
+    }
   }
 
   template <class Row>
@@ -347,15 +359,7 @@ struct key_lanes {
     const void** vp = ws.v_ptr.data();
     const bool v_in_place = dv == dv_pad;
     k_kind = kind_of<KV>();
-    if (t.k != nullptr) {  // rows at a fixed stride: no per-row index arithmetic
-      for (std::int64_t j = 0; j < n; ++j) kp[j] = t.k + j * t.ld_k;
-      if (v_in_place)
-        for (std::int64_t j = 0; j < n; ++j) vp[j] = t.v + j * t.ld_v;
-    } else {
-      for (std::int64_t j = 0; j < n; ++j) kp[j] = k_row(j);
-      if (v_in_place)
-        for (std::int64_t j = 0; j < n; ++j) vp[j] = v_row(j);
-    }
+    fill_rows(t, n, k_row, v_row, kp, v_in_place ? vp : nullptr);
     if (v_in_place) {
       v_kind = kind_of<KV>();
       return;

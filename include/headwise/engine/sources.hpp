@@ -47,12 +47,18 @@ struct varlen_q {
 };
 
 /// K/V rows of a tile: in place when they are evenly strided (ld in elements), else null.
+/// A paged tile across one page boundary has k == nullptr (not one run: the query-lane layouts
+/// convert it row by row) and two runs instead: rows [0, split) from k_at[0] / v_at[0], rows
+/// [split, n) from k_at[1] / v_at[1], both at strides ld_k / ld_v (split 0: no runs).
 template <class KV>
 struct kv_tile_rows {
   const KV* k = nullptr;
   const KV* v = nullptr;
   std::int64_t ld_k = 0, ld_v = 0;
   const KV* k2 = nullptr;  ///< second key set (differential: the noise keys), stride ld_k
+  std::int64_t split = 0;
+  const KV* k_at[2] = {nullptr, nullptr};
+  const KV* v_at[2] = {nullptr, nullptr};
 };
 
 /// K/V in [batch, seq_kv, heads_kv, dim] views (V may alias K).
@@ -131,12 +137,22 @@ struct paged_kv_source {
     const std::int64_t ps = page_size();
     return &v_pages(block_table(b, j / ps), j % ps, h, 0);
   }
-  /// In place only when the tile stays inside one page.
+  /// One run when the tile stays inside one page, two runs across one page boundary (a 32-key
+  /// bf16 decode tile over 16-token pages), else row by row.
   [[nodiscard]] kv_tile_rows<KV> tile(std::int64_t b, std::int64_t a, std::int64_t n,
                                       std::int64_t h) const noexcept {
-    const std::int64_t ps = page_size();
-    if (a / ps != (a + n - 1) / ps) return {};
-    return {k_row(b, a, h), v_row(b, a, h), k_pages.stride[1], v_pages.stride[1]};
+    const std::int64_t ps = page_size(), first = ps - a % ps;
+    if (n <= first) return {k_row(b, a, h), v_row(b, a, h), k_pages.stride[1], v_pages.stride[1]};
+    kv_tile_rows<KV> t;
+    if (n - first > ps) return t;
+    t.ld_k = k_pages.stride[1];
+    t.ld_v = v_pages.stride[1];
+    t.split = first;
+    t.k_at[0] = k_row(b, a, h);
+    t.v_at[0] = v_row(b, a, h);
+    t.k_at[1] = k_row(b, a + first, h);
+    t.v_at[1] = v_row(b, a + first, h);
+    return t;
   }
 };
 

@@ -115,7 +115,7 @@ std::vector<shape> decode_shapes(const plan_options& opt) {
       // Thread sweep at 32k.
       for (int n : thread_sweep(all)) add_unique(list, decode_base(32768, t, n));
       // Cache length sweep, one thread, and on every core (one sequence: its splits are the
-      // only parallelism, about 16 of them from 4k keys on).
+      // only parallelism, 16-64 of them from 4k keys on).
       for (std::int64_t len : {1024, 4096, 16384, 32768, 65536, 131072}) add_unique(list, decode_base(len, t));
       if (all > 1)
         for (std::int64_t len : {1024, 4096, 16384}) add_unique(list, decode_base(len, t, all));

@@ -1928,16 +1928,17 @@ TEST(audit, audit_fixed_paged_capacity_saturates) {
 
 TEST(audit, audit_fixed_key_lane_splits_bounded) {
   // A sequence has at most 1024 decode splits, so the partial states of a zero-stride view of
-  // 2^40 keys are bounded (they were 2^29 states); shorter caches get about 16 splits (a 16th
+  // 2^40 keys are bounded (they were 2^29 states); shorter caches get about 64 splits (a 64th
   // rounded up to a multiple of 256 keys, at least 256), never more than split_kv keys each.
   namespace eng = headwise::engine;
   eng::blocking blk{};
   blk.split_kv = 2048;
-  EXPECT_EQ(eng::key_lane_split(blk, 5000), 512);    // 313 keys per 16th, rounded up to 256s
-  EXPECT_EQ(eng::key_lane_split(blk, 4096), 256);    // 16 splits
-  EXPECT_EQ(eng::key_lane_split(blk, 1000), 256);    // never below 256 keys
-  EXPECT_EQ(eng::key_lane_split(blk, 32768), 2048);  // 16 splits of split_kv
-  EXPECT_EQ(eng::key_lane_split(blk, 65536), 2048);  // split_kv caps the split
+  EXPECT_EQ(eng::key_lane_split(blk, 5000), 256);     // never below 256 keys
+  EXPECT_EQ(eng::key_lane_split(blk, 16384), 256);    // 64 splits
+  EXPECT_EQ(eng::key_lane_split(blk, 20000), 512);    // 313 keys per 64th, rounded up to 256s
+  EXPECT_EQ(eng::key_lane_split(blk, 32768), 512);    // 64 splits
+  EXPECT_EQ(eng::key_lane_split(blk, 131072), 2048);  // 64 splits of split_kv
+  EXPECT_EQ(eng::key_lane_split(blk, 262144), 2048);  // split_kv caps the split
   blk.split_kv = 100;
   EXPECT_EQ(eng::key_lane_split(blk, 5000), 100);  // an explicit short split_kv stays
   blk.split_kv = 2048;

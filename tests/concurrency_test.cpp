@@ -6,7 +6,7 @@
 // that no call writes memory another call reads.
 //
 // The cases: attention f32 and bf16 prefill (GQA, causal, window, sinks, softcap, LSE), decode
-// with split-KV (the default blocking's splits, about 16 of at least 256 keys, and
+// with split-KV (the default blocking's splits, about 64 of at least 256 keys, and
 // attention_blocked with short splits, f32 and f16), attention_paged (bf16 pages, decode and a causal chunk), mla_absorbed
 // (a split decode over the latent cache) and diff_attention (GDA, RMSNorm, both LSEs).
 //

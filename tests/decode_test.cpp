@@ -288,7 +288,7 @@ TEST(DecodeSplitKv, MhaDecodeUsesTheSplitKeyLanePathOnThisBuild) {
 }
 
 TEST(DecodeSplitKv, DefaultBlockingSplitsLongCachesThreadInvariantly) {
-  // headwise::attention (default blocking) on a cache of 5000 keys = 10 splits of 512 keys.
+  // headwise::attention (default blocking) on a cache of 5000 keys = 20 splits of 256 keys.
   problem_spec s;
   s.batch = 1;
   s.seq_q = 1;

@@ -28,7 +28,7 @@ struct problem {
 /// block_kv: keys per query-lane tile; decode_block_kv: keys per key-lane (decode) tile when K/V
 /// are stored in f32, decode_block_kv16 when they are stored in bf16/f16 (the same bytes per tile);
 /// split_kv: keys per split of a work item that holds all of a sequence's query rows (decode:
-/// at most split_kv, else about 16 splits of >= 256 keys, key_lane_split; absorbed MLA, short
+/// at most split_kv, else about 64 splits of >= 256 keys, key_lane_split; absorbed MLA, short
 /// chunks: query_lane_split), 0 = never split; prefetch_bytes: how much of the KV cache
 /// (every head, K and V) a query-lane item that streams its sequence's cache once (absorbed
 /// MLA, short chunks) keeps on its way into L2 ahead of the tile being computed, 0 (the

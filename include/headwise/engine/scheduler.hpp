@@ -75,15 +75,16 @@ inline std::int64_t query_lane_split(const blocking& blk, std::int64_t rows, std
 
 /// Keys per split of a key-lane (decode) item: at most split_kv, and otherwise a min_splits-th
 /// of the sequence rounded up to a multiple of min_keys (at least min_keys): about min_splits
-/// splits (9-16 from 4k keys until split_kv binds; 5000 keys: 10 of 512), so that one sequence
-/// of a few thousand keys still gives 16 cores work (a 4k-key cache had 2 splits of 2048;
+/// splits (33-64 from 16k keys until split_kv binds; 5000 keys: 20 of 256), so that one
+/// sequence gives 16 cores work, about 4 splits each (a 4k-key cache had 2 splits of 2048; a
+/// 32k one, 16 splits of 2048, ran about 20% slower on 16 cores than 64 of 512;
 /// docs/benchmarks.md, 2026-12-06 (night)); then raised so that a sequence
 /// has at most 1024 splits. Real caches never reach that cap before 2M keys (their partial
 /// states stay far below the cache); zero-stride views of 2^40 keys would otherwise allocate
 /// 2^29 partial states. Shapes only, never threads.
 inline std::int64_t key_lane_split(const blocking& blk, std::int64_t seq_kv) noexcept {
   if (blk.split_kv <= 0) return 0;
-  constexpr std::int64_t max_splits = 1024, min_splits = 16, min_keys = 256;
+  constexpr std::int64_t max_splits = 1024, min_splits = 64, min_keys = 256;
   const std::int64_t even = tile::round_up(seq_kv / min_splits + (seq_kv % min_splits != 0), min_keys);
   const std::int64_t split = std::min(blk.split_kv, std::max(min_keys, even));
   return std::max(split, seq_kv / max_splits + (seq_kv % max_splits != 0));

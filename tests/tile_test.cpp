@@ -572,6 +572,111 @@ TEST(Mma, PvTileExactOnIntegers) {
   }
 }
 
+#if XSIMD_WITH_AVX512F
+TEST(Mma, QkTileQuadsExactOnIntegersAndWithinBoundOnNormals) {
+  // The quad-packed Q·Kᵀ of one AVX-512 vector of rows (query_lanes::q_quads): Q packed at
+  // tile::quad_index, any dim (tails of 1-3 dims loaded masked, never past the row), keys in
+  // blocks of 6 and a rest. Small integers: exact. Normal values: within the f32 accumulation
+  // bound dim·u·Σ|terms|. Nothing written past the n x 16 tile.
+  if constexpr (tile::is_avx512_v<A>) {
+    std::mt19937_64 gen(43);
+    std::normal_distribution<float> nd;
+    const double u = std::ldexp(1.0, -24);
+    for (const std::ptrdiff_t n : {1, 5, 6, 7, 13, 64})
+      for (const std::ptrdiff_t dim : {1, 2, 3, 4, 5, 7, 80, 129, 576})
+        for (const bool ints : {true, false}) {
+          auto val = [&] { return ints ? small_int(gen) : nd(gen); };
+          const std::ptrdiff_t ld_s = 32, ld_k = dim + 3;
+          std::vector<float> q(static_cast<std::size_t>(16 * dim));  // q[r * dim + d]
+          for (auto& x : q) x = val();
+          avec qp(static_cast<std::size_t>(tile::round_up(dim, 4) * 16), 0.0f);
+          for (std::ptrdiff_t r = 0; r < 16; ++r)
+            for (std::ptrdiff_t d = 0; d < dim; ++d)
+              qp[static_cast<std::size_t>(tile::quad_index(r, d))] = q[static_cast<std::size_t>(r * dim + d)];
+          // K rows end exactly at the end of their allocation: a read past the last row's end
+          // would show under ASan.
+          std::vector<float> k(static_cast<std::size_t>((n - 1) * ld_k + dim));
+          for (auto& x : k) x = val();
+          avec s(static_cast<std::size_t>((n + 1) * ld_s), 321.0f);
+          tile::qk_tile_quads(s.data(), ld_s, k.data(), ld_k, qp.data(), dim, n);
+          for (std::ptrdiff_t j = 0; j <= n; ++j)
+            for (std::ptrdiff_t r = 0; r < ld_s; ++r) {
+              const float got = s[static_cast<std::size_t>(j * ld_s + r)];
+              if (j == n || r >= 16) {
+                ASSERT_EQ(got, 321.0f) << "written outside the tile: n " << n << " dim " << dim;
+                continue;
+              }
+              double exact = 0, mag = 0;
+              for (std::ptrdiff_t d = 0; d < dim; ++d) {
+                const double t = static_cast<double>(k[static_cast<std::size_t>(j * ld_k + d)]) *
+                                 q[static_cast<std::size_t>(r * dim + d)];
+                exact += t;
+                mag += std::abs(t);
+              }
+              if (ints) {
+                ASSERT_EQ(got, static_cast<float>(exact)) << "S[" << j << "][" << r << "] n " << n << " dim " << dim;
+              } else {
+                ASSERT_NEAR(got, exact, static_cast<double>(dim) * u * mag) << "S[" << j << "][" << r << "] n " << n
+                                                                            << " dim " << dim;
+              }
+            }
+        }
+  }
+}
+#endif
+
+TEST(Mma, PvTileORowsExactOnIntegersAndBitwiseEqualToPvTile) {
+  // Row-major P·V (one lane vector of rows: query_lanes::o_rows) against naive loops on small
+  // integers (exact), and bitwise against pv_tile's dim-major O on normal values (the same
+  // products in the same order). Writes stay inside rows x round_up(dim_v, W).
+  std::mt19937_64 gen(41);
+  std::normal_distribution<float> nd;
+  const float alphas[] = {0.0f, 0.5f, 1.0f, 2.0f};
+  for (const std::ptrdiff_t rows : {1, 3, W / 2 + 1, W - 1, W})
+    for (const std::ptrdiff_t dim_v : {1, 7, 16, 17, 48, 80, 129, 512})
+      for (const std::ptrdiff_t n : {1, 5, 64}) {
+        const std::ptrdiff_t ld_o = tile::round_up(dim_v, W) + W, ld_p = 2 * W, ld_v = dim_v + 5;
+        for (const bool ints : {true, false}) {
+          auto val = [&] { return ints ? small_int(gen) : nd(gen); };
+          avec o(static_cast<std::size_t>((rows + 1) * ld_o), 321.0f), p(static_cast<std::size_t>(n * ld_p)),
+              alpha(static_cast<std::size_t>(W));
+          std::vector<float> v(static_cast<std::size_t>(n * ld_v));
+          for (std::ptrdiff_t r = 0; r < rows; ++r)
+            for (std::ptrdiff_t c = 0; c < tile::round_up(dim_v, W); ++c)
+              o[static_cast<std::size_t>(r * ld_o + c)] = c < dim_v ? val() : 0.0f;
+          for (auto& x : p) x = val();
+          for (auto& x : v) x = val();
+          for (auto& a : alpha) a = alphas[gen() % 4];
+          const avec o0 = o;
+          // The same values dim-major for pv_tile (W lanes, rows past `rows` zero).
+          avec od(static_cast<std::size_t>(dim_v * W), 0.0f);
+          for (std::ptrdiff_t c = 0; c < dim_v; ++c)
+            for (std::ptrdiff_t r = 0; r < rows; ++r)
+              od[static_cast<std::size_t>(c * W + r)] = o0[static_cast<std::size_t>(r * ld_o + c)];
+          tile::pv_tile_o_rows<A>(o.data(), ld_o, alpha.data(), v.data(), ld_v, p.data(), ld_p, rows, dim_v, n);
+          tile::pv_tile<A>(od.data(), W, alpha.data(), v.data(), ld_v, p.data(), ld_p, dim_v, n, 1);
+          for (std::ptrdiff_t r = 0; r <= rows; ++r)
+            for (std::ptrdiff_t c = 0; c < ld_o; ++c) {
+              const std::size_t x = static_cast<std::size_t>(r * ld_o + c);
+              if (r == rows || c >= tile::round_up(dim_v, W)) {
+                ASSERT_EQ(o[x], 321.0f) << "written outside: rows " << rows << " dim_v " << dim_v << " n " << n;
+                continue;
+              }
+              if (c >= dim_v) continue;  // pad columns of the row: written, never read as output
+              const float got = o[x];
+              ASSERT_EQ(got, od[static_cast<std::size_t>(c * W + r)])
+                  << "O[" << r << "][" << c << "] differs from pv_tile: rows " << rows << " dim_v " << dim_v << " n " << n;
+              if (ints) {
+                float want = alpha[static_cast<std::size_t>(r)] * o0[x];
+                for (std::ptrdiff_t j = 0; j < n; ++j)
+                  want += v[static_cast<std::size_t>(j * ld_v + c)] * p[static_cast<std::size_t>(j * ld_p + r)];
+                ASSERT_EQ(got, want) << "O[" << r << "][" << c << "] rows " << rows << " dim_v " << dim_v << " n " << n;
+              }
+            }
+        }
+      }
+}
+
 TEST(Mma, RandomValuesMatchDoubleWithinAccumulationBound) {
   // Normal values: |got - exact| <= dim·u·Σ|terms| (the standard bound for an f32 dot product
   // summed in any order, FMA or not), with u = 2^-24. One lane vector (nvec 1) takes the phased

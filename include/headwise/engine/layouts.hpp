@@ -71,7 +71,8 @@ void pack_rows(float* dst, std::int64_t ld, Row&& row, std::int64_t n, std::int6
   }
 }
 
-/// Query rows across lanes. Buffers: Q (dim_qk, ld), S/P (block_kv, ld), O (dim_v, ld).
+/// Query rows across lanes. Buffers: Q (dim_qk, ld), S/P (block_kv, ld), O (dim_v, ld), or,
+/// for an item of one lane vector (o_rows), O row-major (ld, dim_v rounded up to vectors).
 /// The rows come in one or two segments (differential attention: signal rows reading K1, then
 /// noise rows reading K2), each padded to whole vectors; pad lanes repeat their segment's last
 /// row with Q = 0. P·V runs over all lanes at once: both segments share each V row.
@@ -82,6 +83,15 @@ struct query_lanes {
   std::int64_t rows0, rows1;  ///< rows of segment 0 and 1 (rows1 = 0: one segment)
   std::int64_t ld0, ld, nvec, dqk, dv;
   bool stream;  ///< the item holds all its sequence's query rows: it reads each tile once
+  /// One lane vector (nvec == 1: up to a vector of rows, one segment): O is row-major and P·V
+  /// loads V vectors and broadcasts P (tile::pv_tile_o_rows), a few loads per FMA fewer than
+  /// broadcasting every V element to one vector of rows; the same O bits either way.
+  bool o_rows;
+  std::int64_t ld_o;  ///< O row stride when o_rows: dim_v rounded up to whole vectors
+  /// One AVX-512 vector of rows (o_rows on AVX-512): Q is packed in quads (tile::quad_index)
+  /// for tile::qk_tile_quads, which loads a key's dims four at a time for 4 FMAs instead of
+  /// broadcasting each K element to one FMA.
+  bool q_quads;
   const float* k_rows = nullptr;
   const float* k2_rows = nullptr;
   const float* v_rows = nullptr;
@@ -90,7 +100,15 @@ struct query_lanes {
   query_lanes(workspace& s, std::int64_t rows0_, std::int64_t rows1_, std::int64_t dqk_, std::int64_t dv_,
               bool stream_)
       : ws(s), rows0(rows0_), rows1(rows1_), ld0(tile::round_up(rows0_, w)), ld(lanes_for(rows0_, rows1_)),
-        nvec(ld / w), dqk(dqk_), dv(dv_), stream(stream_) {}
+        nvec(ld / w), dqk(dqk_), dv(dv_), stream(stream_), o_rows(nvec == 1 && rows1_ == 0),
+        ld_o(tile::round_up(dv_, w)), q_quads(o_rows && is_avx512_quads()) {}
+  [[nodiscard]] static constexpr bool is_avx512_quads() noexcept {
+#if XSIMD_WITH_AVX512F
+    return tile::is_avx512_v<Arch> && w == 16;
+#else
+    return false;
+#endif
+  }
 
   /// Lanes of an item with segments of rows0 and rows1 rows.
   [[nodiscard]] static constexpr std::int64_t lanes_for(std::int64_t rows0, std::int64_t rows1) noexcept {
@@ -112,7 +130,7 @@ struct query_lanes {
   /// Scratch for items of up to `lanes` lanes; two_keys: a second converted K tile.
   static void reserve(workspace& s, std::int64_t lanes, std::int64_t dqk, std::int64_t dv, std::int64_t bk,
                       bool two_keys) {
-    s.reserve(lanes, dqk * lanes, bk * lanes, dv * lanes, bk * dqk, bk * dv);
+    s.reserve(lanes, tile::round_up(dqk, 4) * lanes, bk * lanes, tile::round_up(dv, w) * lanes, bk * dqk, bk * dv);
     if (two_keys) s.reserve_k2(bk * dqk);
   }
   /// Prefill reuses each tile across many q-blocks and the hardware prefetchers keep up; an item
@@ -128,6 +146,20 @@ struct query_lanes {
   template <class Row>
   void pack_q(Row&& row, float qf) {
     float* q = ws.q_buf.data();
+#if XSIMD_WITH_AVX512F
+    if (q_quads) {  // quads (tile::quad_index), written in order; dims past dqk and pad lanes 0
+      std::array<const float*, 16> src{};
+      for (std::int64_t x = 0; x < 16; ++x) src[static_cast<std::size_t>(x)] = real_lane(x) ? row(x) : nullptr;
+      const std::int64_t dq = tile::round_up(dqk, 4);
+      for (std::int64_t d0 = 0; d0 < dq; d0 += 4)
+        for (std::int64_t x = 0; x < 16; ++x) {  // in quad order: g = x / 4, b = x % 4
+          const float* sr = src[static_cast<std::size_t>((x % 4) * 4 + x / 4)];
+          float* dst = q + (d0 + x / 4) * 16 + (x % 4) * 4;
+          for (std::int64_t e = 0; e < 4; ++e) dst[e] = sr != nullptr && d0 + e < dqk ? sr[d0 + e] * qf : 0.0f;
+        }
+      return;
+    }
+#endif
     for (std::int64_t r0 = 0; r0 < ld; r0 += w) {
       std::array<const float*, static_cast<std::size_t>(w)> src{};
       for (std::int64_t i = 0; i < w; ++i) src[static_cast<std::size_t>(i)] = real_lane(r0 + i) ? row(r0 + i) : nullptr;
@@ -140,7 +172,7 @@ struct query_lanes {
       }
     }
   }
-  void zero_o() { std::fill(ws.o_buf.data(), ws.o_buf.data() + dv * ld, 0.0f); }
+  void zero_o() { std::fill(ws.o_buf.data(), ws.o_buf.data() + (o_rows ? ld_o : dv) * ld, 0.0f); }
   /// K/V rows of a tile: in place for evenly strided f32 rows, else converted into buffers.
   /// With two segments, k2_row gives segment 1's keys (in place, the same stride, or converted).
   template <class KV, class KRow, class VRow, class K2Row>
@@ -191,6 +223,12 @@ struct query_lanes {
   void qk(std::int64_t n) {
     float* s = ws.s_buf.data();
     const float* q = ws.q_buf.data();
+#if XSIMD_WITH_AVX512F
+    if (q_quads) {
+      tile::qk_tile_quads(s, ld, k_rows, ld_k, q, dqk, n);
+      return;
+    }
+#endif
     if (rows1 == 0 || k2_rows == k_rows) {
       tile::qk_tile<Arch>(s, ld, k_rows, ld_k, q, ld, dqk, n, nvec);
       return;
@@ -206,8 +244,12 @@ struct query_lanes {
   void softmax(std::int64_t n) {
     tile::softmax_update<Arch>(ws.s_buf.data(), ld, n, nvec, ws.m.data(), ws.l.data(), ws.alpha.data());
   }
-  /// O = α·O + P·V  (dim_v, ld)
+  /// O = α·O + P·V  (dim_v, ld), or (rows0, ld_o) when o_rows (pad lanes: no O row)
   void pv(std::int64_t n) {
+    if (o_rows) {
+      tile::pv_tile_o_rows<Arch>(ws.o_buf.data(), ld_o, ws.alpha.data(), v_rows, ld_v, ws.s_buf.data(), ld, rows0, dv, n);
+      return;
+    }
     tile::pv_tile<Arch>(ws.o_buf.data(), ld, ws.alpha.data(), v_rows, ld_v, ws.s_buf.data(), ld, dv, n, nvec);
   }
   /// Epilogue: row x of O times ws.out_scale[x] (1/l) into ws.out_ptr[x], for every lane with
@@ -219,6 +261,19 @@ struct query_lanes {
   void out_rows(std::int64_t /*h*/) const {
     using B = xsimd::batch<float, Arch>;
     const float* o = ws.o_buf.data();
+    if (o_rows) {  // row-major O: each lane's row scaled into place
+      for (std::int64_t x = 0; x < ld; ++x) {
+        float* dst = ws.out_ptr[static_cast<std::size_t>(x)];
+        if (dst == nullptr) continue;
+        const float sc = ws.out_scale[static_cast<std::size_t>(x)];
+        const float* src = o + x * ld_o;
+        for (std::int64_t c = 0; c < dv; c += w) {
+          const B v = sc == 0.0f ? B(0.0f) : B::load_aligned(src + c) * B(sc);
+          tile::store_partial<Arch>(dst + c, v, static_cast<int>(std::min<std::int64_t>(w, dv - c)));
+        }
+      }
+      return;
+    }
     const std::int64_t dv_full = dv / w * w;
     for (std::int64_t x0 = 0; x0 < ld; x0 += w) {
       float* const* dst = ws.out_ptr.data() + x0;

@@ -272,6 +272,92 @@ inline void keep_in_register(xsimd::batch<float, Arch>& x) noexcept {
 #endif
 }
 
+/// Row-major P·V for items of one lane vector of query rows: O_buf[r][c] = α[r]·O_buf[r][c] +
+/// Σ_j P_buf[j][r] · V[j][c] for Rows rows and Vecs vectors of value dims, over n keys; with
+/// Tail, the last vector is only `tail` dims wide (masked or buffered loads, never past the
+/// row). o: (Rows, ld_o) aligned, row-major; v: n rows at stride ld_v (offset to the first
+/// dim); p: (n, ld_p) key-major S/P buffer (offset to row 0); alpha: Rows values. Per key it
+/// loads Vecs V vectors and broadcasts Rows P values for Rows·Vecs FMAs, where mma_ab<.., 1>
+/// (dim-major O, one lane vector) broadcasts a V value for every FMA. Each O element gets the
+/// same products in the same order as in mma_ab (α·O, then fma over j), so the same bits.
+template <int Rows, int Vecs, bool Tail, class Arch>
+inline void mma_ab_o_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const float* v, std::ptrdiff_t ld_v,
+                          const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n, int tail) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::ptrdiff_t w = B::size;
+  auto load_v = [tail](const float* x, int u) {
+    if constexpr (Tail) {
+      if (u == Vecs - 1) return load_partial<Arch>(x, tail);
+    }
+    return B::load_unaligned(x);
+  };
+  reg_tile<Rows, Vecs, Arch> acc;  // (Rows query rows, Vecs vectors of value dims)
+  HEADWISE_UNROLL
+  for (int r = 0; r < Rows; ++r) {
+    const B a(alpha[r]);
+    HEADWISE_UNROLL
+    for (int u = 0; u < Vecs; ++u) acc.v[r][u] = B::load_aligned(o + r * ld_o + u * w) * a;
+  }
+  for (std::ptrdiff_t j = 0; j < n; ++j) {
+    reg_vec<Vecs, Arch> v_reg;  // V[j][c0..c0+Vecs·lanes)
+    HEADWISE_UNROLL
+    for (int u = 0; u < Vecs; ++u) {
+      v_reg.v[u] = load_v(v + j * ld_v + u * w, u);
+      keep_in_register(v_reg.v[u]);
+    }
+    HEADWISE_UNROLL
+    for (int r = 0; r < Rows; ++r) {
+      const B p_bc(p[j * ld_p + r]);  // broadcast P[j][r]
+      HEADWISE_UNROLL
+      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = xsimd::fma(p_bc, v_reg.v[u], acc.v[r][u]);
+    }
+  }
+  HEADWISE_UNROLL
+  for (int r = 0; r < Rows; ++r)
+    HEADWISE_UNROLL
+    for (int u = 0; u < Vecs; ++u) acc.v[r][u].store_aligned(o + r * ld_o + u * w);
+}
+
+namespace detail {
+using mma_ab_o_rows_fn = void (*)(float*, std::ptrdiff_t, const float*, const float*, std::ptrdiff_t, const float*,
+                                  std::ptrdiff_t, std::ptrdiff_t, int) noexcept;
+template <class Arch, bool Tail, int MaxRows, int MaxVecs, std::size_t... I>
+constexpr std::array<mma_ab_o_rows_fn, sizeof...(I)> make_ab_o_rows(std::index_sequence<I...>) {
+  return {&mma_ab_o_rows<static_cast<int>(I) / MaxVecs + 1, static_cast<int>(I) % MaxVecs + 1, Tail, Arch>...};
+}
+}  // namespace detail
+
+/// Row-major P·V over a whole tile (mma_ab_o_rows): rows query rows x dim_v value dims, n keys;
+/// o: (rows, ld_o), ld_o >= dim_v rounded up to whole vectors. Blocks of value dims outer, row
+/// blocks inner, so that a block's V columns (n keys x a few vectors) stay in L1 for every row.
+template <class Arch>
+inline void pv_tile_o_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const float* v, std::ptrdiff_t ld_v,
+                           const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t rows, std::ptrdiff_t dim_v,
+                           std::ptrdiff_t n) noexcept {
+  using T = arch_traits<Arch>;
+  constexpr int R = T::vregs >= 32 ? 8 : 4, V = T::vregs >= 32 ? 3 : 2;
+  constexpr std::ptrdiff_t w = T::lanes;
+  static constexpr auto table = detail::make_ab_o_rows<Arch, false, R, V>(std::make_index_sequence<R * V>{});
+  static constexpr auto tails = detail::make_ab_o_rows<Arch, true, R, 1>(std::make_index_sequence<R>{});
+  const std::ptrdiff_t full = dim_v / w;
+  const int tail = static_cast<int>(dim_v - full * w);
+  for (std::ptrdiff_t c0 = 0; c0 < full; c0 += V) {
+    const std::ptrdiff_t nv = std::min<std::ptrdiff_t>(V, full - c0);
+    for (std::ptrdiff_t r0 = 0; r0 < rows; r0 += R) {
+      const std::ptrdiff_t nr = std::min<std::ptrdiff_t>(R, rows - r0);
+      table[static_cast<std::size_t>((nr - 1) * V + (nv - 1))](o + r0 * ld_o + c0 * w, ld_o, alpha + r0, v + c0 * w,
+                                                               ld_v, p + r0, ld_p, n, 0);
+    }
+  }
+  if (tail > 0)
+    for (std::ptrdiff_t r0 = 0; r0 < rows; r0 += R) {
+      const std::ptrdiff_t nr = std::min<std::ptrdiff_t>(R, rows - r0);
+      tails[static_cast<std::size_t>(nr - 1)](o + r0 * ld_o + full * w, ld_o, alpha + r0, v + full * w, ld_v, p + r0,
+                                              ld_p, n, tail);
+    }
+}
+
+
 /// Key-lane P·V: O_buf[r][c] = α[r]·O_buf[r][c] + Σ_j P_buf[r][j] · V[j][c0 + c] for Rows query
 /// rows and Vecs vectors of value dims, over n keys. o: (Rows, ld_o) aligned; p: (Rows, ld_p);
 /// v[j]: key j's value row in its storage dtype T, read in place (converted as loaded; any
@@ -353,6 +439,62 @@ inline __m512 fold_quads(__m512 u0, __m512 u1, __m512 u2, __m512 u3) noexcept {
   const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
   const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u2, u3, 0x88), _mm512_shuffle_f32x4(u2, u3, 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
+}
+#endif
+
+#if XSIMD_WITH_AVX512F
+/// Q·Kᵀ for one AVX-512 vector of 16 query rows with Q in quads (pack: quad_index): step t of
+/// the dim loop holds 4 vectors, vector g lane 4b + e = Q[row 4b + g][4t + e]. Each key's dims
+/// 4t..4t+3 are loaded once, broadcast to the four 128-bit blocks (one load, vbroadcastf32x4),
+/// and feed 4 FMAs, one per vector g: per step Keys + 4 loads for 4·Keys FMAs, where the
+/// broadcast kernels (mma_abt_phased) load once per FMA. Block b of key j's accumulator g
+/// sums row 4b + g over the dims of each residue e; fold4 adds the four e's of the four g's
+/// into one vector, lane 4b + g = S[j][4b + g]. A tail of dim % 4 dims is loaded masked.
+/// s: (Keys, ld_s) key-major, aligned; k: Keys rows at stride ld_k; q: quad-packed, aligned.
+template <int Keys>
+inline void mma_abt_quads(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_t ld_k, const float* q,
+                          std::ptrdiff_t dim) noexcept {
+  __m512 acc[Keys][4];
+  HEADWISE_UNROLL
+  for (int j = 0; j < Keys; ++j)
+    HEADWISE_UNROLL
+    for (int g = 0; g < 4; ++g) acc[j][g] = _mm512_setzero_ps();
+  auto step = [&](std::ptrdiff_t t, auto load4) {
+    __m512 qv[4];
+    HEADWISE_UNROLL
+    for (int g = 0; g < 4; ++g) qv[g] = _mm512_load_ps(q + (t * 4 + g) * 16);
+    HEADWISE_UNROLL
+    for (int j = 0; j < Keys; ++j) {
+      const __m512 kb = _mm512_broadcast_f32x4(load4(k + j * ld_k + 4 * t));
+      HEADWISE_UNROLL
+      for (int g = 0; g < 4; ++g) acc[j][g] = _mm512_fmadd_ps(kb, qv[g], acc[j][g]);
+    }
+  };
+  const std::ptrdiff_t steps = dim / 4;
+  for (std::ptrdiff_t t = 0; t < steps; ++t) step(t, [](const float* p) { return _mm_loadu_ps(p); });
+  if (const int tail = static_cast<int>(dim - steps * 4); tail > 0) {
+    const __mmask8 m = static_cast<__mmask8>((1u << tail) - 1u);
+    step(steps, [m](const float* p) { return _mm_maskz_loadu_ps(m, p); });
+  }
+  HEADWISE_UNROLL
+  for (int j = 0; j < Keys; ++j) _mm512_store_ps(s + j * ld_s, fold4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
+}
+
+/// Index of Q[row r][dim d] in the quad-packed Q of mma_abt_quads (16 rows, dims padded to 4).
+constexpr std::ptrdiff_t quad_index(std::ptrdiff_t r, std::ptrdiff_t d) noexcept {
+  return ((d / 4) * 4 + r % 4) * 16 + (r / 4) * 4 + d % 4;
+}
+
+/// S = Q·Kᵀ for n keys and one AVX-512 vector of rows, Q quad-packed (mma_abt_quads): blocks
+/// of 6 keys (24 accumulators, 4 Q vectors, 1 key broadcast), the rest in one smaller block.
+inline void qk_tile_quads(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_t ld_k, const float* q,
+                          std::ptrdiff_t dim, std::ptrdiff_t n) noexcept {
+  using fn = void (*)(float*, std::ptrdiff_t, const float*, std::ptrdiff_t, const float*, std::ptrdiff_t) noexcept;
+  static constexpr std::array<fn, 5> rest{&mma_abt_quads<1>, &mma_abt_quads<2>, &mma_abt_quads<3>,
+                                          &mma_abt_quads<4>, &mma_abt_quads<5>};
+  std::ptrdiff_t j = 0;
+  for (; j + 6 <= n; j += 6) mma_abt_quads<6>(s + j * ld_s, ld_s, k + j * ld_k, ld_k, q, dim);
+  if (j < n) rest[static_cast<std::size_t>(n - j - 1)](s + j * ld_s, ld_s, k + j * ld_k, ld_k, q, dim);
 }
 #endif
 

@@ -593,8 +593,8 @@ TEST(Mma, QkTileQuadsExactOnIntegersAndWithinBoundOnNormals) {
           for (std::ptrdiff_t r = 0; r < 16; ++r)
             for (std::ptrdiff_t d = 0; d < dim; ++d)
               qp[static_cast<std::size_t>(tile::quad_index(r, d))] = q[static_cast<std::size_t>(r * dim + d)];
-          // K rows end exactly at the end of their allocation: a read past the last row's end
-          // would show under ASan.
+          // K rows end exactly at the end of their allocation (the tail is read by a masked
+          // load, which cannot fault on the masked lanes).
           std::vector<float> k(static_cast<std::size_t>((n - 1) * ld_k + dim));
           for (auto& x : k) x = val();
           avec s(static_cast<std::size_t>((n + 1) * ld_s), 321.0f);
@@ -640,7 +640,9 @@ TEST(Mma, PvTileORowsExactOnIntegersAndBitwiseEqualToPvTile) {
           auto val = [&] { return ints ? small_int(gen) : nd(gen); };
           avec o(static_cast<std::size_t>((rows + 1) * ld_o), 321.0f), p(static_cast<std::size_t>(n * ld_p)),
               alpha(static_cast<std::size_t>(W));
-          std::vector<float> v(static_cast<std::size_t>(n * ld_v));
+          // V rows end exactly at the end of their allocation (a tail read past the last row
+          // would show under ASan).
+          std::vector<float> v(static_cast<std::size_t>((n - 1) * ld_v + dim_v));
           for (std::ptrdiff_t r = 0; r < rows; ++r)
             for (std::ptrdiff_t c = 0; c < tile::round_up(dim_v, W); ++c)
               o[static_cast<std::size_t>(r * ld_o + c)] = c < dim_v ? val() : 0.0f;

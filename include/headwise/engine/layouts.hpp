@@ -139,8 +139,8 @@ struct query_lanes {
   /// blocking::prefetch_bytes > 0 (default 0).
   [[nodiscard]] bool prefetch_next() const noexcept { return stream; }
 
-  /// Q_buf[d][x] = Q[row of x][d]·qf; pad lanes 0. One vector of lanes at a time, d
-  /// outer: each Q_buf row segment is written whole while the w source rows stay in L1 (lane
+  /// Q_buf[d][x] = Q[row of x][d]·qf (q_quads: at tile::quad_index(x, d)); pad lanes 0. One
+  /// vector of lanes at a time, d outer: each Q_buf row segment is written whole while the w source rows stay in L1 (lane
   /// by lane, every store of a long row went to another line: most of a 128-head absorbed
   /// MLA split's time on the device).
   template <class Row>
@@ -254,7 +254,8 @@ struct query_lanes {
   }
   /// Epilogue: row x of O times ws.out_scale[x] (1/l) into ws.out_ptr[x], for every lane with
   /// an output row; scale 0 (no visible key) writes exact zeros, whatever O holds (0·NaN from a
-  /// non-finite V row of a tile the lane saw no key of). O is (dv, ld): a lanes x lanes block is
+  /// non-finite V row of a tile the lane saw no key of). With o_rows O is row-major and each row
+  /// is scaled into place. Otherwise O is (dv, ld): a lanes x lanes block is
   /// transposed in registers (tile::transpose_block) and each lane's vector stored in its row.
   /// Reading a lane's column of O element by element (a stride of ld floats) was a tenth of a
   /// 128-head absorbed MLA split on the development VM.

@@ -8,6 +8,10 @@
 /// every lane (every query row and every query head of the group). No horizontal reduction,
 /// no K/V transposition, and no padding of dim_qk / dim_v: only the lane count is padded (the
 /// phased one-vector Q·Kᵀ kernel runs the dims left over by its phases in phase 0).
+///
+/// Items of one lane vector have their own pair (engine::query_lanes::o_rows / q_quads): P·V
+/// into a row-major O (pv_tile_o_rows), and on AVX-512 Q·Kᵀ with Q in quads (qk_tile_quads,
+/// each key's dims four at a time, folded per key), so that one load feeds several FMAs.
 #pragma once
 
 #include <algorithm>
@@ -285,7 +289,7 @@ inline void mma_ab_o_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, con
                           const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n, int tail) noexcept {
   using B = xsimd::batch<float, Arch>;
   constexpr std::ptrdiff_t w = B::size;
-  auto load_v = [tail](const float* x, int u) {
+  auto load_v = [&](const float* x, int u) {
     if constexpr (Tail) {
       if (u == Vecs - 1) return load_partial<Arch>(x, tail);
     }
@@ -449,7 +453,8 @@ inline __m512 fold_quads(__m512 u0, __m512 u1, __m512 u2, __m512 u3) noexcept {
 /// and feed 4 FMAs, one per vector g: per step Keys + 4 loads for 4·Keys FMAs, where the
 /// broadcast kernels (mma_abt_phased) load once per FMA. Block b of key j's accumulator g
 /// sums row 4b + g over the dims of each residue e; fold4 adds the four e's of the four g's
-/// into one vector, lane 4b + g = S[j][4b + g]. A tail of dim % 4 dims is loaded masked.
+/// into one vector, lane 4b + g = S[j][4b + g]. A tail of dim % 4 dims is loaded masked
+/// (a 512-bit masked load and a block shuffle: AVX512F alone, no VL).
 /// s: (Keys, ld_s) key-major, aligned; k: Keys rows at stride ld_k; q: quad-packed, aligned.
 template <int Keys>
 inline void mma_abt_quads(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_t ld_k, const float* q,
@@ -465,16 +470,20 @@ inline void mma_abt_quads(float* s, std::ptrdiff_t ld_s, const float* k, std::pt
     for (int g = 0; g < 4; ++g) qv[g] = _mm512_load_ps(q + (t * 4 + g) * 16);
     HEADWISE_UNROLL
     for (int j = 0; j < Keys; ++j) {
-      const __m512 kb = _mm512_broadcast_f32x4(load4(k + j * ld_k + 4 * t));
+      const __m512 kb = load4(k + j * ld_k + 4 * t);
       HEADWISE_UNROLL
       for (int g = 0; g < 4; ++g) acc[j][g] = _mm512_fmadd_ps(kb, qv[g], acc[j][g]);
     }
   };
   const std::ptrdiff_t steps = dim / 4;
-  for (std::ptrdiff_t t = 0; t < steps; ++t) step(t, [](const float* p) { return _mm_loadu_ps(p); });
-  if (const int tail = static_cast<int>(dim - steps * 4); tail > 0) {
-    const __mmask8 m = static_cast<__mmask8>((1u << tail) - 1u);
-    step(steps, [m](const float* p) { return _mm_maskz_loadu_ps(m, p); });
+  for (std::ptrdiff_t t = 0; t < steps; ++t)
+    step(t, [](const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); });
+  if (const int tail = static_cast<int>(dim - steps * 4); tail > 0) {  // AVX512F only (no VL)
+    const __mmask16 m = static_cast<__mmask16>((1u << tail) - 1u);
+    step(steps, [m](const float* p) {
+      const __m512 x = _mm512_maskz_loadu_ps(m, p);
+      return _mm512_shuffle_f32x4(x, x, 0);
+    });
   }
   HEADWISE_UNROLL
   for (int j = 0; j < Keys; ++j) _mm512_store_ps(s + j * ld_s, fold4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));

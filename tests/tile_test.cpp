@@ -517,28 +517,33 @@ std::vector<mma_shape> mma_shapes() {
 /// Small integers: every product and partial sum is exact in f32, so results must be exact.
 float small_int(std::mt19937_64& g) { return static_cast<float>(static_cast<int>(g() % 17) - 8); }
 
-TEST(Mma, QkTileExactOnIntegers) {
+// stream (the streaming items' prefetch of the next block of K rows, past the last row of the
+// tile too: only addresses, never read) must give the same exact S.
+TEST(Mma, QkTileExactOnIntegersWithAndWithoutStreamPrefetch) {
   std::mt19937_64 gen(29);
-  for (const mma_shape sh : mma_shapes()) {
-    const std::ptrdiff_t lanes = sh.nvec * W, ld_s = lanes + W, ld_q = lanes + 2 * W, ld_k = sh.dim + 3;
-    avec q(static_cast<std::size_t>(sh.dim * ld_q)), s(static_cast<std::size_t>((sh.n + 1) * ld_s), 321.0f);
-    std::vector<float> k(static_cast<std::size_t>(sh.n * ld_k));
-    for (auto& x : q) x = small_int(gen);
-    for (auto& x : k) x = small_int(gen);
-    tile::qk_tile<A>(s.data(), ld_s, k.data(), ld_k, q.data(), ld_q, sh.dim, sh.n, sh.nvec);
-    for (std::ptrdiff_t j = 0; j <= sh.n; ++j)
-      for (std::ptrdiff_t r = 0; r < ld_s; ++r) {
-        const float got = s[static_cast<std::size_t>(j * ld_s + r)];
-        if (j == sh.n || r >= lanes) {
-          ASSERT_EQ(got, 321.0f) << "written outside the tile: n " << sh.n << " nvec " << sh.nvec << " dim " << sh.dim;
-          continue;
+  for (const bool stream : {false, true})
+    for (const mma_shape sh : mma_shapes()) {
+      const std::ptrdiff_t lanes = sh.nvec * W, ld_s = lanes + W, ld_q = lanes + 2 * W, ld_k = sh.dim + 3;
+      avec q(static_cast<std::size_t>(sh.dim * ld_q)), s(static_cast<std::size_t>((sh.n + 1) * ld_s), 321.0f);
+      std::vector<float> k(static_cast<std::size_t>(sh.n * ld_k));
+      for (auto& x : q) x = small_int(gen);
+      for (auto& x : k) x = small_int(gen);
+      tile::qk_tile<A>(s.data(), ld_s, k.data(), ld_k, q.data(), ld_q, sh.dim, sh.n, sh.nvec, stream);
+      for (std::ptrdiff_t j = 0; j <= sh.n; ++j)
+        for (std::ptrdiff_t r = 0; r < ld_s; ++r) {
+          const float got = s[static_cast<std::size_t>(j * ld_s + r)];
+          if (j == sh.n || r >= lanes) {
+            ASSERT_EQ(got, 321.0f) << "written outside the tile: n " << sh.n << " nvec " << sh.nvec << " dim " << sh.dim
+                                   << " stream " << stream;
+            continue;
+          }
+          float want = 0;
+          for (std::ptrdiff_t d = 0; d < sh.dim; ++d)
+            want += k[static_cast<std::size_t>(j * ld_k + d)] * q[static_cast<std::size_t>(d * ld_q + r)];
+          ASSERT_EQ(got, want) << "S[" << j << "][" << r << "] n " << sh.n << " nvec " << sh.nvec << " dim " << sh.dim
+                               << " stream " << stream;
         }
-        float want = 0;
-        for (std::ptrdiff_t d = 0; d < sh.dim; ++d)
-          want += k[static_cast<std::size_t>(j * ld_k + d)] * q[static_cast<std::size_t>(d * ld_q + r)];
-        ASSERT_EQ(got, want) << "S[" << j << "][" << r << "] n " << sh.n << " nvec " << sh.nvec << " dim " << sh.dim;
-      }
-  }
+    }
 }
 
 TEST(Mma, PvTileExactOnIntegers) {

@@ -230,7 +230,7 @@ struct query_lanes {
     }
 #endif
     if (rows1 == 0 || k2_rows == k_rows) {
-      tile::qk_tile<Arch>(s, ld, k_rows, ld_k, q, ld, dqk, n, nvec);
+      tile::qk_tile<Arch>(s, ld, k_rows, ld_k, q, ld, dqk, n, nvec, stream);
       return;
     }
     tile::qk_tile<Arch>(s, ld, k_rows, ld_k, q, ld, dqk, n, ld0 / w);

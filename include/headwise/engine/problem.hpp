@@ -29,7 +29,7 @@ struct problem {
 /// are stored in f32, decode_block_kv16 when they are stored in bf16/f16 (the same bytes per tile);
 /// split_kv: keys per split of a work item that holds all of a sequence's query rows (decode:
 /// at most split_kv, else about 64 splits of >= 256 keys, key_lane_split; absorbed MLA, short
-/// chunks: query_lane_split), 0 = never split; prefetch_bytes: how much of the KV cache
+/// chunks: query_lane_split, >= 512 keys), 0 = never split; prefetch_bytes: how much of the KV cache
 /// (every head, K and V) a query-lane item that streams its sequence's cache once (absorbed
 /// MLA, short chunks) keeps on its way into L2 ahead of the tile being computed, 0 (the
 /// default) = none, the hardware prefetchers only (key-lane decode items ignore it: their

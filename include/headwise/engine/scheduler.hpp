@@ -59,9 +59,13 @@ constexpr bool use_key_lanes(std::int64_t rows) noexcept {
 /// Keys per split of a query-lane item that holds all its sequence's rows: as much work per
 /// split as a decode split of split_kv keys has (32 rows x 256 dims per key: GQA 32/8, D 128),
 /// so that absorbed MLA (16-128 heads x 1088 dims per key) gets enough splits for every core;
-/// rounded down to a multiple of block_kv, then clamped to [min(256, split_kv), split_kv], and
+/// rounded down to a multiple of block_kv, then clamped to [min(512, split_kv), split_kv], and
 /// raised so that a sequence of seq_kv keys has at most max_splits splits (the partial states
-/// of 128 heads take about as much memory as the cache itself). Shapes only, never threads.
+/// of 128 heads take about as much memory as the cache itself). The floor of 512 (was 256)
+/// halves the splits of 32-128 heads (8k keys: 16 instead of 32): each split writes and the
+/// merge reads rows x (dim_v + 1) floats, which cost 64- and 128-head calls 7-9% on one and
+/// two threads of the development VM (docs/benchmarks.md, 2026-12-07 (morning)). Shapes
+/// only, never threads.
 inline std::int64_t query_lane_split(const blocking& blk, std::int64_t rows, std::int64_t dims,
                                      std::int64_t seq_kv) noexcept {
   if (blk.split_kv <= 0) return 0;
@@ -69,7 +73,7 @@ inline std::int64_t query_lane_split(const blocking& blk, std::int64_t rows, std
   const std::int64_t split_kv = std::min<std::int64_t>(blk.split_kv, std::int64_t{1} << 40);  // no overflow
   const std::int64_t bk = std::max<std::int64_t>(1, blk.block_kv);
   std::int64_t keys = split_kv * decode_work_per_key / std::max<std::int64_t>(1, rows * dims);
-  keys = std::clamp<std::int64_t>(keys / bk * bk, std::min<std::int64_t>(256, split_kv), split_kv);
+  keys = std::clamp<std::int64_t>(keys / bk * bk, std::min<std::int64_t>(512, split_kv), split_kv);
   return std::max(keys, seq_kv / max_splits + (seq_kv % max_splits != 0));
 }
 

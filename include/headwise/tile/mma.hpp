@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <array>
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 #include <utility>
 
@@ -58,7 +59,13 @@ struct reg_vec {
 
 /// S_buf[j][r] = Σ_d K[j][d] · Q_buf[d][r] for Rows keys and Vecs lane vectors.
 /// s: (Rows, ld_s) key-major; k: Rows rows of dim_qk at stride ld_k; q: (dim_qk, ld_q) aligned.
-template <int Rows, int Vecs, class Arch>
+/// With Prefetch, the Rows rows that follow at the same stride (the next block of keys, or
+/// past the tile's last block the next tile's first rows) are fetched into L1 a line per row
+/// every 16 dims, in step with the FMAs: an item that streams the cache once (absorbed MLA
+/// with many heads) otherwise waits on each block's first touch of its rows, six short
+/// streams the hardware prefetchers do not follow. Only addresses are formed (as integers,
+/// never dereferenced), so rows past the end of the data cost a wasted prefetch at most.
+template <int Rows, int Vecs, class Arch, bool Prefetch = false>
 inline void mma_abt(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_t ld_k, const float* q,
                     std::ptrdiff_t ld_q, std::ptrdiff_t dim_qk) noexcept {
   using B = xsimd::batch<float, Arch>;
@@ -68,7 +75,16 @@ inline void mma_abt(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_
   for (int r = 0; r < Rows; ++r)
     HEADWISE_UNROLL
     for (int v = 0; v < Vecs; ++v) acc.v[r][v] = B(0.0f);
+  const std::uintptr_t next = reinterpret_cast<std::uintptr_t>(k) +
+                              static_cast<std::uintptr_t>(Rows * ld_k) * sizeof(float);  // Prefetch only
   for (std::ptrdiff_t d = 0; d < dim_qk; ++d) {
+    if constexpr (Prefetch) {
+      if ((d & 15) == 0) {
+        HEADWISE_UNROLL
+        for (int r = 0; r < Rows; ++r)
+          __builtin_prefetch(reinterpret_cast<const void*>(next + static_cast<std::uintptr_t>(r * ld_k + d) * sizeof(float)), 0, 3);
+      }
+    }
     reg_vec<Vecs, Arch> q_reg;  // (1, Vecs·lanes)
     HEADWISE_UNROLL
     for (int v = 0; v < Vecs; ++v) q_reg.v[v] = B::load_aligned(q + d * ld_q + v * w);
@@ -163,9 +179,9 @@ using mma_abt_fn = void (*)(float*, std::ptrdiff_t, const float*, std::ptrdiff_t
 using mma_ab_fn = void (*)(float*, std::ptrdiff_t, const float*, const float*, std::ptrdiff_t, const float*,
                            std::ptrdiff_t, std::ptrdiff_t) noexcept;
 
-template <class Arch, int MaxRows, int MaxVecs, std::size_t... I>
+template <class Arch, int MaxRows, int MaxVecs, bool Prefetch, std::size_t... I>
 constexpr std::array<mma_abt_fn, sizeof...(I)> make_abt(std::index_sequence<I...>) {
-  return {&mma_abt<static_cast<int>(I) / MaxVecs + 1, static_cast<int>(I) % MaxVecs + 1, Arch>...};
+  return {&mma_abt<static_cast<int>(I) / MaxVecs + 1, static_cast<int>(I) % MaxVecs + 1, Arch, Prefetch>...};
 }
 template <class Arch, int MaxRows, int MaxVecs, std::size_t... I>
 constexpr std::array<mma_ab_fn, sizeof...(I)> make_ab(std::index_sequence<I...>) {
@@ -198,11 +214,11 @@ inline void for_blocks(const Table& table, std::ptrdiff_t n, std::ptrdiff_t nvec
   }
 }
 
-template <class Arch, int R, int V>
+template <class Arch, int R, int V, bool Prefetch = false>
 inline void qk_blocks(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_t ld_k, const float* q,
                       std::ptrdiff_t ld_q, std::ptrdiff_t dim_qk, std::ptrdiff_t n, std::ptrdiff_t nvec) noexcept {
   constexpr std::ptrdiff_t w = arch_traits<Arch>::lanes;
-  static constexpr auto table = make_abt<Arch, R, V>(std::make_index_sequence<R * V>{});
+  static constexpr auto table = make_abt<Arch, R, V, Prefetch>(std::make_index_sequence<R * V>{});
   for_blocks<R, V>(table, n, nvec, [&](mma_abt_fn f, std::ptrdiff_t j0, std::ptrdiff_t v0) {
     f(s + j0 * ld_s + v0 * w, ld_s, k + j0 * ld_k, ld_k, q + v0 * w, ld_q, dim_qk);
   });
@@ -221,10 +237,14 @@ inline void pv_blocks(float* o, std::ptrdiff_t ld_o, const float* alpha, const f
 }  // namespace detail
 
 /// S = Q·Kᵀ over a whole tile: n keys x nvec lane vectors, blocked by lane_blocking (full
-/// blocks take the widest kernel, edges a narrower instantiation).
+/// blocks take the widest kernel, edges a narrower instantiation). stream: the tile's rows
+/// are read from memory for the first time here and the rows that follow them come next
+/// (an item that holds all its sequence's query rows): blocks of several lane vectors
+/// prefetch their next block (mma_abt's Prefetch). The S bits are the same either way.
 template <class Arch>
 inline void qk_tile(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_t ld_k, const float* q,
-                    std::ptrdiff_t ld_q, std::ptrdiff_t dim_qk, std::ptrdiff_t n, std::ptrdiff_t nvec) noexcept {
+                    std::ptrdiff_t ld_q, std::ptrdiff_t dim_qk, std::ptrdiff_t n, std::ptrdiff_t nvec,
+                    bool stream = false) noexcept {
   using T = arch_traits<Arch>;
   using L = lane_blocking<Arch>;
   if (nvec == 1) {  // blocks of narrow_rows / 3 keys x 3 phases, the rest (< that) in one block
@@ -234,7 +254,13 @@ inline void qk_tile(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_
     for (; j + rows <= n; j += rows) mma_abt_phased<rows, 3, Arch>(s + j * ld_s, ld_s, k + j * ld_k, ld_k, q, ld_q, dim_qk);
     if (j < n) detail::qk_blocks<Arch, rows, 1>(s + j * ld_s, ld_s, k + j * ld_k, ld_k, q, ld_q, dim_qk, n - j, nvec);
   } else if (nvec == 2 && T::vecs_blk > 2) {
-    detail::qk_blocks<Arch, L::half_rows, 2>(s, ld_s, k, ld_k, q, ld_q, dim_qk, n, nvec);
+    if (stream) {
+      detail::qk_blocks<Arch, L::half_rows, 2, true>(s, ld_s, k, ld_k, q, ld_q, dim_qk, n, nvec);
+    } else {
+      detail::qk_blocks<Arch, L::half_rows, 2>(s, ld_s, k, ld_k, q, ld_q, dim_qk, n, nvec);
+    }
+  } else if (stream) {
+    detail::qk_blocks<Arch, T::rows_blk, T::vecs_blk, true>(s, ld_s, k, ld_k, q, ld_q, dim_qk, n, nvec);
   } else {
     detail::qk_blocks<Arch, T::rows_blk, T::vecs_blk>(s, ld_s, k, ld_k, q, ld_q, dim_qk, n, nvec);
   }

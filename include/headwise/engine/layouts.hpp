@@ -71,6 +71,19 @@ void pack_rows(float* dst, std::int64_t ld, Row&& row, std::int64_t n, std::int6
   }
 }
 
+/// dst[0..dv) = src[0..dv)·scale, exact zeros for scale 0 (whatever src holds: 0·NaN from a
+/// non-finite V row of a tile the row saw no key of); src aligned and readable up to dv rounded
+/// up to whole vectors. The epilogue of a row-major O (query_lanes with o_rows, key_lanes).
+template <class Arch>
+void scale_row_into(float* dst, const float* src, float scale, std::int64_t dv) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::int64_t w = B::size;
+  for (std::int64_t c = 0; c < dv; c += w) {
+    const B v = scale == 0.0f ? B(0.0f) : B::load_aligned(src + c) * B(scale);
+    tile::store_partial<Arch>(dst + c, v, static_cast<int>(std::min<std::int64_t>(w, dv - c)));
+  }
+}
+
 /// Query rows across lanes. Buffers: Q (dim_qk, ld), S/P (block_kv, ld), O (dim_v, ld), or,
 /// for an item of one lane vector (o_rows), O row-major (ld, dim_v rounded up to vectors).
 /// The rows come in one or two segments (differential attention: signal rows reading K1, then
@@ -263,16 +276,9 @@ struct query_lanes {
     using B = xsimd::batch<float, Arch>;
     const float* o = ws.o_buf.data();
     if (o_rows) {  // row-major O: each lane's row scaled into place
-      for (std::int64_t x = 0; x < ld; ++x) {
-        float* dst = ws.out_ptr[static_cast<std::size_t>(x)];
-        if (dst == nullptr) continue;
-        const float sc = ws.out_scale[static_cast<std::size_t>(x)];
-        const float* src = o + x * ld_o;
-        for (std::int64_t c = 0; c < dv; c += w) {
-          const B v = sc == 0.0f ? B(0.0f) : B::load_aligned(src + c) * B(sc);
-          tile::store_partial<Arch>(dst + c, v, static_cast<int>(std::min<std::int64_t>(w, dv - c)));
-        }
-      }
+      for (std::int64_t x = 0; x < ld; ++x)
+        if (float* dst = ws.out_ptr[static_cast<std::size_t>(x)])
+          scale_row_into<Arch>(dst, o + x * ld_o, ws.out_scale[static_cast<std::size_t>(x)], dv);
       return;
     }
     const std::int64_t dv_full = dv / w * w;
@@ -451,19 +457,11 @@ struct key_lanes {
     });
   }
   /// Epilogue: head h's rows of O (row-major already) into their output rows, as
-  /// query_lanes::out_rows.
+  /// query_lanes::out_rows (scale_row_into: scale 0 writes exact zeros).
   void out_rows(std::int64_t h) const {
     for (std::int64_t x = h * rows; x < (h + 1) * rows; ++x)
-      if (float* dst = ws.out_ptr[static_cast<std::size_t>(x)]) out_row(x, dst, ws.out_scale[static_cast<std::size_t>(x)]);
-  }
-  /// Row r of O times scale; scale 0 writes exact zeros.
-  void out_row(std::int64_t r, float* dst, float scale) const {
-    const float* o = ws.o_buf.data() + r * dv_pad;
-    if (scale == 0.0f) {
-      for (std::int64_t c = 0; c < dv; ++c) dst[c] = 0.0f;
-      return;
-    }
-    for (std::int64_t c = 0; c < dv; ++c) dst[c] = o[c] * scale;
+      if (float* dst = ws.out_ptr[static_cast<std::size_t>(x)])
+        scale_row_into<Arch>(dst, ws.o_buf.data() + x * dv_pad, ws.out_scale[static_cast<std::size_t>(x)], dv);
   }
 };
 

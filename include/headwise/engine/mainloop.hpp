@@ -33,13 +33,10 @@ struct final_target {
   void set_lse(std::int64_t /*r*/, std::int64_t pos, std::int64_t head, float v) const {
     if (float* p = qs.lse_at(b, head, pos)) *p = v;
   }
-  /// The query source has an epilogue (differential attention combines its signal and noise
-  /// rows there).
-  static constexpr bool has_epilogue = requires(const QS& q, std::int64_t x) { q.finish(x, x, x, x, x); };
   /// Every row of KV heads [hk0, hk0 + nh) x positions [p0, p1) is written: the query source's
-  /// epilogue, if it has one.
+  /// epilogue, if it has one (differential attention combines its signal and noise rows here).
   void done(std::int64_t hk0, std::int64_t nh, std::int64_t p0, std::int64_t p1) const {
-    if constexpr (has_epilogue) qs.finish(b, hk0, nh, p0, p1);
+    if constexpr (requires { qs.finish(b, hk0, nh, p0, p1); }) qs.finish(b, hk0, nh, p0, p1);
   }
 };
 

@@ -262,60 +262,33 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
     for (std::int64_t it = 0; it < n_items; ++it) run_item(it, 0);
   }
 
-  // Split-KV reduce, in tasks of up to merge_rows rows of one group (so that a single long
-  // sequence's merge runs on every thread: 128 heads x 16 splits, or the 32 rows x 64 splits
-  // of a batch-1 decode, were one thread's serial tail): each row folds its partial states in
-  // split order, whatever the task cut, and is written; then each group's epilogue (done).
-  constexpr std::int64_t merge_rows = 8;
-  std::vector<std::int64_t> task_group, task_row;
-  for (std::int64_t gi = 0; gi < static_cast<std::int64_t>(groups.size()); ++gi)
-    for (std::int64_t r0 = 0; r0 < groups[static_cast<std::size_t>(gi)].rows; r0 += merge_rows) {
-      task_group.push_back(gi);
-      task_row.push_back(r0);
-    }
-  const auto n_tasks = static_cast<std::int64_t>(task_group.size());
-  [[maybe_unused]] const int nt2 = resolve_threads(num_threads, n_tasks);
-  auto merge_task = [&](std::int64_t ti) {
-    const split_group& sg = groups[static_cast<std::size_t>(task_group[static_cast<std::size_t>(ti)])];
-    const std::int64_t r0 = task_row[static_cast<std::size_t>(ti)], r1 = std::min(sg.rows, r0 + merge_rows);
+  // Split-KV reduce: fold each group's partial states in split order, then write the rows.
+  const auto n_groups = static_cast<std::int64_t>(groups.size());
+  [[maybe_unused]] const int nt2 = resolve_threads(num_threads, n_groups);
+  auto merge_group = [&](std::int64_t gi) {
+    const split_group& sg = groups[static_cast<std::size_t>(gi)];
     const std::int64_t stride = sg.rows * (dv + 1);
     float* acc = partial.data() + sg.partial;  // split 0, merged in place
     float* acc_lse = acc + sg.rows * dv;
+    for (std::int64_t s = 1; s < sg.nsplit; ++s) {
+      const float* o = acc + s * stride;
+      for (std::int64_t r = 0; r < sg.rows; ++r) merge_into(acc + r * dv, acc_lse[r], o + r * dv, o[sg.rows * dv + r], dv);
+    }
     const final_target<QS> t{pb.qs, sg.b};
     const std::int64_t rows_h = (sg.p1 - sg.p0) * g;
-    for (std::int64_t r = r0; r < r1; ++r) {
-      for (std::int64_t s = 1; s < sg.nsplit; ++s) {
-        const float* o = acc + s * stride;
-        merge_into(acc + r * dv, acc_lse[r], o + r * dv, o[sg.rows * dv + r], dv);
-      }
+    for (std::int64_t r = 0; r < sg.rows; ++r) {
       const auto id = pb.heads.row_of(r % rows_h, sg.p1 - sg.p0);
       const std::int64_t pos = sg.p0 + id.pos, head = pb.heads.out_head(sg.hk + r / rows_h, id.j);
       std::copy(acc + r * dv, acc + (r + 1) * dv, t.row(r, pos, head));
       t.set_lse(r, pos, head, acc_lse[r]);
     }
+    t.done(sg.hk, sg.nh, sg.p0, sg.p1);
   };
   if (nt2 > 1) {
     HEADWISE_OMP(parallel for num_threads(nt2) schedule(static))
-    for (std::int64_t ti = 0; ti < n_tasks; ++ti) merge_task(ti);
+    for (std::int64_t gi = 0; gi < n_groups; ++gi) merge_group(gi);
   } else {
-    for (std::int64_t ti = 0; ti < n_tasks; ++ti) merge_task(ti);
-  }
-  // The groups' epilogues (differential attention combines each group's signal and noise rows).
-  const auto n_groups = static_cast<std::int64_t>(groups.size());
-  if constexpr (final_target<QS>::has_epilogue) {
-    [[maybe_unused]] const int nt3 = resolve_threads(num_threads, n_groups);
-    auto finish_group = [&](std::int64_t gi) {
-      const split_group& sg = groups[static_cast<std::size_t>(gi)];
-      final_target<QS>{pb.qs, sg.b}.done(sg.hk, sg.nh, sg.p0, sg.p1);
-    };
-    if (nt3 > 1) {
-      HEADWISE_OMP(parallel for num_threads(nt3) schedule(static))
-      for (std::int64_t gi = 0; gi < n_groups; ++gi) finish_group(gi);
-    } else {
-      for (std::int64_t gi = 0; gi < n_groups; ++gi) finish_group(gi);
-    }
-  } else {
-    (void)n_groups;
+    for (std::int64_t gi = 0; gi < n_groups; ++gi) merge_group(gi);
   }
 }
 

@@ -1950,6 +1950,17 @@ TEST(audit, audit_fixed_key_lane_splits_bounded) {
   blk.split_kv = 0;
   EXPECT_EQ(eng::key_lane_split(blk, std::int64_t{1} << 40), 0);
   EXPECT_GE(eng::query_lane_split(blk, 1, 1, std::numeric_limits<std::int64_t>::max()), 0);
+  // Query-lane items that hold all their rows (absorbed MLA: rows = heads, 576 + 512 dims):
+  // work-sized splits, a multiple of block_kv, at least 512 keys (256 until 2026-12-07), at
+  // most split_kv, and at most 64 splits per sequence.
+  blk = eng::blocking{};
+  EXPECT_EQ(eng::query_lane_split(blk, 16, 1088, 8192), 960);    // 963 keys of work, in 64s
+  EXPECT_EQ(eng::query_lane_split(blk, 32, 1088, 8192), 512);    // 481 -> 448, raised to 512
+  EXPECT_EQ(eng::query_lane_split(blk, 128, 1088, 8192), 512);   // 120 -> 64, raised to 512
+  EXPECT_EQ(eng::query_lane_split(blk, 128, 1088, 1 << 20), 16384);  // 64 splits at most
+  EXPECT_EQ(eng::query_lane_split(blk, 1, 8, 8192), 2048);       // few rows: split_kv
+  blk.split_kv = 100;
+  EXPECT_EQ(eng::query_lane_split(blk, 128, 1088, 8192), 128);   // split_kv 100, raised to 64 splits
   // Dense calls take at most 2^40 keys: zero-stride views could declare 2^62, where the tile
   // and split arithmetic would overflow.
   const std::int64_t too_many = (std::int64_t{1} << 40) + 1;

@@ -496,7 +496,7 @@ TEST(diff_attention, gda_large_logits_stay_finite) {
 }
 
 /// Decode-like calls (1 or 3 query rows, 5000 keys): every work item holds all of a sequence's
-/// rows, so the keys are cut into splits (of 2048 keys for few heads, of 256..2048 for many)
+/// rows, so the keys are cut into splits (of 2048 keys for few heads, of 512..2048 for many)
 /// that are merged before the difference. Includes many DIFF heads, GDA, DIFF V2, bf16, and
 /// masks that leave whole splits without a visible key for some rows (window + sinks).
 TEST(diff_attention, gda_split_kv_decode_matches_reference) {

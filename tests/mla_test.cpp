@@ -94,7 +94,7 @@ std::vector<mla_shape> sweep() {
   v.push_back({1, 1, 200, 16, 512, 64});   // DeepSeek-V2/V3 absorbed dims
   v.push_back({1, 1, 2100, 16, 512, 64});  // ... in three work-sized splits of 960 keys
   v.push_back({1, 1, 70, 128, 512, 64});   // 128 heads: 8 lane vectors on AVX-512
-  v.push_back({1, 1, 700, 128, 512, 64});  // ... in three 256-key splits
+  v.push_back({1, 1, 1100, 128, 512, 64});  // ... in three splits (512 + 512 + 76 keys)
   v.push_back({2, 1, 33, 16, 72, 8});      // d_c not a multiple of the lanes
   return v;
 }

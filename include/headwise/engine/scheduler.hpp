@@ -62,10 +62,10 @@ constexpr bool use_key_lanes(std::int64_t rows) noexcept {
 /// rounded down to a multiple of block_kv, then clamped to [min(512, split_kv), split_kv], and
 /// raised so that a sequence of seq_kv keys has at most max_splits splits (the partial states
 /// of 128 heads take about as much memory as the cache itself). The floor of 512 (was 256)
-/// halves the splits of 32-128 heads (8k keys: 16 instead of 32): each split writes and the
-/// merge reads rows x (dim_v + 1) floats, which cost 64- and 128-head calls 7-9% on one and
-/// two threads of the development VM (docs/benchmarks.md, 2026-12-07 (morning)). Shapes
-/// only, never threads.
+/// halves the splits of 64-128 heads (8k keys: 16 instead of 32; 32 heads: 16 instead of
+/// 19): each split writes and the merge reads rows x (dim_v + 1) floats, which cost 64- and
+/// 128-head calls 7-9% on one and two threads of the development VM (docs/benchmarks.md,
+/// 2026-12-07 (morning)). Shapes only, never threads.
 inline std::int64_t query_lane_split(const blocking& blk, std::int64_t rows, std::int64_t dims,
                                      std::int64_t seq_kv) noexcept {
   if (blk.split_kv <= 0) return 0;

@@ -60,7 +60,9 @@ struct reg_vec {
 /// S_buf[j][r] = Σ_d K[j][d] · Q_buf[d][r] for Rows keys and Vecs lane vectors.
 /// s: (Rows, ld_s) key-major; k: Rows rows of dim_qk at stride ld_k; q: (dim_qk, ld_q) aligned.
 /// With Prefetch, the Rows rows that follow at the same stride (the next block of keys, or
-/// past the tile's last block the next tile's first rows) are fetched into L1, a line per row
+/// past the tile's last block the next tile's first rows; with more lane vectors than a block
+/// holds the tile's keys are passed again from L2, and only the first pass needs the fetch)
+/// are fetched into L1, a line per row
 /// ahead of each chunk of 16 dims, in step with the FMAs (a test per dim instead cost Q·Kᵀ
 /// alone 6-9% on the development VM): an item that streams the cache once (absorbed MLA
 /// with many heads) otherwise waits on each block's first touch of its rows, six short

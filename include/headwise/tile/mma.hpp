@@ -33,6 +33,13 @@
 #define HEADWISE_UNROLL
 #endif
 
+// A skeleton shared by several kernels, inlined into each (so each keeps its own registers).
+#if defined(__GNUC__) || defined(__clang__)
+#define HEADWISE_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define HEADWISE_ALWAYS_INLINE inline
+#endif
+
 HEADWISE_DIAGNOSTICS_PUSH
 
 namespace headwise::tile {
@@ -307,6 +314,44 @@ inline void keep_in_register(xsimd::batch<float, Arch>& x) noexcept {
 #endif
 }
 
+/// The register-tile loop of both row-major P·V kernels (mma_ab_o_rows, mma_ab_rows):
+/// acc[r][u] = α[r]·O[r][u], then for each key j < n, acc[r][u] += P(r, j)·V(j, u) (one fma per
+/// key, in key order), then O = acc. o: (Rows, ld_o) aligned; row(j): key j's value row (its
+/// first element for these Vecs vectors; may prefetch), load(row, u): its vector u as floats,
+/// p_at(r, j): P(r, j). PinV keeps the V vectors in registers (keep_in_register).
+template <int Rows, int Vecs, class Arch, bool PinV, class Row, class Load, class PAt>
+HEADWISE_ALWAYS_INLINE void mma_ab_rows_loop(float* o, std::ptrdiff_t ld_o, const float* alpha, std::ptrdiff_t n, Row&& row,
+                             Load&& load, PAt&& p_at) noexcept {
+  using B = xsimd::batch<float, Arch>;
+  constexpr std::ptrdiff_t w = B::size;
+  reg_tile<Rows, Vecs, Arch> acc;  // (Rows query rows, Vecs vectors of value dims)
+  HEADWISE_UNROLL
+  for (int r = 0; r < Rows; ++r) {
+    const B a(alpha[r]);
+    HEADWISE_UNROLL
+    for (int u = 0; u < Vecs; ++u) acc.v[r][u] = B::load_aligned(o + r * ld_o + u * w) * a;
+  }
+  for (std::ptrdiff_t j = 0; j < n; ++j) {
+    const auto vj = row(j);
+    reg_vec<Vecs, Arch> v_reg;  // V[j][these Vecs vectors]
+    HEADWISE_UNROLL
+    for (int u = 0; u < Vecs; ++u) {
+      v_reg.v[u] = load(vj, u);
+      if constexpr (PinV) keep_in_register(v_reg.v[u]);
+    }
+    HEADWISE_UNROLL
+    for (int r = 0; r < Rows; ++r) {
+      const B p_bc(p_at(r, j));  // broadcast P(r, j)
+      HEADWISE_UNROLL
+      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = xsimd::fma(p_bc, v_reg.v[u], acc.v[r][u]);
+    }
+  }
+  HEADWISE_UNROLL
+  for (int r = 0; r < Rows; ++r)
+    HEADWISE_UNROLL
+    for (int u = 0; u < Vecs; ++u) acc.v[r][u].store_aligned(o + r * ld_o + u * w);
+}
+
 /// Row-major P·V for items of one lane vector of query rows: O_buf[r][c] = α[r]·O_buf[r][c] +
 /// Σ_j P_buf[j][r] · V[j][c] for Rows rows and Vecs vectors of value dims, over n keys; with
 /// Tail, the last vector is only `tail` dims wide (masked or buffered loads, never past the
@@ -320,37 +365,15 @@ inline void mma_ab_o_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, con
                           const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n, int tail) noexcept {
   using B = xsimd::batch<float, Arch>;
   constexpr std::ptrdiff_t w = B::size;
-  auto load_v = [&](const float* x, int u) {
-    if constexpr (Tail) {
-      if (u == Vecs - 1) return load_partial<Arch>(x, tail);
-    }
-    return B::load_unaligned(x);
-  };
-  reg_tile<Rows, Vecs, Arch> acc;  // (Rows query rows, Vecs vectors of value dims)
-  HEADWISE_UNROLL
-  for (int r = 0; r < Rows; ++r) {
-    const B a(alpha[r]);
-    HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) acc.v[r][u] = B::load_aligned(o + r * ld_o + u * w) * a;
-  }
-  for (std::ptrdiff_t j = 0; j < n; ++j) {
-    reg_vec<Vecs, Arch> v_reg;  // V[j][c0..c0+Vecs·lanes)
-    HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) {
-      v_reg.v[u] = load_v(v + j * ld_v + u * w, u);
-      keep_in_register(v_reg.v[u]);
-    }
-    HEADWISE_UNROLL
-    for (int r = 0; r < Rows; ++r) {
-      const B p_bc(p[j * ld_p + r]);  // broadcast P[j][r]
-      HEADWISE_UNROLL
-      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = xsimd::fma(p_bc, v_reg.v[u], acc.v[r][u]);
-    }
-  }
-  HEADWISE_UNROLL
-  for (int r = 0; r < Rows; ++r)
-    HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) acc.v[r][u].store_aligned(o + r * ld_o + u * w);
+  mma_ab_rows_loop<Rows, Vecs, Arch, true>(
+      o, ld_o, alpha, n, [&](std::ptrdiff_t j) { return v + j * ld_v; },
+      [&](const float* x, int u) {
+        if constexpr (Tail) {
+          if (u == Vecs - 1) return load_partial<Arch>(x + u * w, tail);
+        }
+        return B::load_unaligned(x + u * w);
+      },
+      [&](int r, std::ptrdiff_t j) { return p[j * ld_p + r]; });
 }
 
 namespace detail {
@@ -402,33 +425,17 @@ inline void pv_tile_o_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, co
 template <int Rows, int Vecs, class Arch, class T>
 inline void mma_ab_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const void* const* v, std::ptrdiff_t c0,
                         const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n, const void* const* next) noexcept {
-  using B = xsimd::batch<float, Arch>;
-  constexpr std::ptrdiff_t w = B::size;
-  reg_tile<Rows, Vecs, Arch> acc;  // (Rows query rows, Vecs·lanes value dims)
-  HEADWISE_UNROLL
-  for (int r = 0; r < Rows; ++r) {
-    const B a(alpha[r]);
-    HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) acc.v[r][u] = B::load_aligned(o + r * ld_o + u * w) * a;
-  }
-  for (std::ptrdiff_t j = 0; j < n; ++j) {
-    const T* vj = static_cast<const T*>(v[j]) + c0;
-    if (next != nullptr && next[j] != nullptr)
-      prefetch_l2(static_cast<const T*>(next[j]) + c0, Vecs * w * static_cast<std::ptrdiff_t>(sizeof(T)));
-    reg_vec<Vecs, Arch> v_reg;  // V[j][c0..c0+Vecs·lanes)
-    HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) v_reg.v[u] = load_as_float<Arch>(vj + u * w);
-    HEADWISE_UNROLL
-    for (int r = 0; r < Rows; ++r) {
-      const B p_bc(p[r * ld_p + j]);  // broadcast P[r][j]
-      HEADWISE_UNROLL
-      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = xsimd::fma(p_bc, v_reg.v[u], acc.v[r][u]);
-    }
-  }
-  HEADWISE_UNROLL
-  for (int r = 0; r < Rows; ++r)
-    HEADWISE_UNROLL
-    for (int u = 0; u < Vecs; ++u) acc.v[r][u].store_aligned(o + r * ld_o + u * w);
+  constexpr std::ptrdiff_t w = arch_traits<Arch>::lanes;
+  mma_ab_rows_loop<Rows, Vecs, Arch, false>(
+      o, ld_o, alpha, n,
+      [&](std::ptrdiff_t j) {
+        const T* vj = static_cast<const T*>(v[j]) + c0;
+        if (next != nullptr && next[j] != nullptr)
+          prefetch_l2(static_cast<const T*>(next[j]) + c0, Vecs * w * static_cast<std::ptrdiff_t>(sizeof(T)));
+        return vj;
+      },
+      [](const T* x, int u) { return load_as_float<Arch>(x + u * w); },
+      [&](int r, std::ptrdiff_t j) { return p[r * ld_p + j]; });
 }
 
 namespace detail {

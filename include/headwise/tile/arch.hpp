@@ -41,6 +41,24 @@ struct arch_traits {
   static constexpr std::size_t alignment = Arch::alignment();
 };
 
+/// a·b + c with one rounding, on every arch. xsimd 8.1 has no AVX-512 kernel for xsimd::fma:
+/// its generic fallback computes x * y + z through the batch operators, which GCC contracts
+/// into one FMA (-ffp-contract=fast) and clang does not (-ffp-contract=on stops at the
+/// operator calls), so a clang build ran a multiply and an add for every FMA of every kernel:
+/// half the FMA peak, and different bits from a GCC build.
+template <class Arch>
+inline xsimd::batch<float, Arch> fma(xsimd::batch<float, Arch> a, xsimd::batch<float, Arch> b,
+                                     xsimd::batch<float, Arch> c) noexcept {
+#if XSIMD_WITH_AVX512F
+  if constexpr (is_avx512_v<Arch>) {
+    return _mm512_fmadd_ps(a, b, c);
+  } else
+#endif
+  {
+    return xsimd::fma(a, b, c);
+  }
+}
+
 /// Rounds n up to a multiple of m (m > 0).
 constexpr std::ptrdiff_t round_up(std::ptrdiff_t n, std::ptrdiff_t m) noexcept { return (n + m - 1) / m * m; }
 

@@ -27,12 +27,12 @@ inline xsimd::batch<float, Arch> exp2_softmax(xsimd::batch<float, Arch> x) noexc
   const I n = xsimd::nearbyint_as_int(x);
   const B f = x - xsimd::to_float(n);  // [-1/2, 1/2]
   B p = B(1.535336188319500e-4f);
-  p = xsimd::fma(p, f, B(1.339887440266574e-3f));
-  p = xsimd::fma(p, f, B(9.618437357674640e-3f));
-  p = xsimd::fma(p, f, B(5.550332471162809e-2f));
-  p = xsimd::fma(p, f, B(2.402264791363012e-1f));
-  p = xsimd::fma(p, f, B(6.931472028550421e-1f));
-  p = xsimd::fma(p, f, B(1.0f));
+  p = tile::fma<Arch>(p, f, B(1.339887440266574e-3f));
+  p = tile::fma<Arch>(p, f, B(9.618437357674640e-3f));
+  p = tile::fma<Arch>(p, f, B(5.550332471162809e-2f));
+  p = tile::fma<Arch>(p, f, B(2.402264791363012e-1f));
+  p = tile::fma<Arch>(p, f, B(6.931472028550421e-1f));
+  p = tile::fma<Arch>(p, f, B(1.0f));
   // 2^n with n in [-127, 127]; n = -127 gives the bit pattern 0, i.e. a flush to zero.
   const B two_n = xsimd::bitwise_cast<B>((n + I(127)) << 23);
   return p * two_n;

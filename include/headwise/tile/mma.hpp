@@ -103,7 +103,7 @@ inline void mma_abt(float* s, std::ptrdiff_t ld_s, const float* k, std::ptrdiff_
       for (int r = 0; r < Rows; ++r) {
         const B k_bc(k[r * ld_k + d]);  // broadcast K[j][d]
         HEADWISE_UNROLL
-        for (int v = 0; v < Vecs; ++v) acc.v[r][v] = xsimd::fma(k_bc, q_reg.v[v], acc.v[r][v]);
+        for (int v = 0; v < Vecs; ++v) acc.v[r][v] = tile::fma<Arch>(k_bc, q_reg.v[v], acc.v[r][v]);
       }
     }
   }
@@ -133,13 +133,13 @@ inline void mma_abt_phased(float* s, std::ptrdiff_t ld_s, const float* k, std::p
     for (int p = 0; p < Phases; ++p) {
       const B q_reg = B::load_aligned(q + (d + p) * ld_q);
       HEADWISE_UNROLL
-      for (int r = 0; r < Rows; ++r) acc.v[p][r] = xsimd::fma(B(k[r * ld_k + d + p]), q_reg, acc.v[p][r]);
+      for (int r = 0; r < Rows; ++r) acc.v[p][r] = tile::fma<Arch>(B(k[r * ld_k + d + p]), q_reg, acc.v[p][r]);
     }
   }
   for (; d < dim_qk; ++d) {
     const B q_reg = B::load_aligned(q + d * ld_q);
     HEADWISE_UNROLL
-    for (int r = 0; r < Rows; ++r) acc.v[0][r] = xsimd::fma(B(k[r * ld_k + d]), q_reg, acc.v[0][r]);
+    for (int r = 0; r < Rows; ++r) acc.v[0][r] = tile::fma<Arch>(B(k[r * ld_k + d]), q_reg, acc.v[0][r]);
   }
   HEADWISE_UNROLL
   for (int r = 0; r < Rows; ++r) {
@@ -176,7 +176,7 @@ inline void mma_ab(float* o, std::ptrdiff_t ld_o, const float* alpha, const floa
     for (int r = 0; r < Rows; ++r) {
       const B v_bc(v[j * ld_v + r]);  // broadcast V[j][c]
       HEADWISE_UNROLL
-      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = xsimd::fma(v_bc, p_reg.v[u], acc.v[r][u]);
+      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = tile::fma<Arch>(v_bc, p_reg.v[u], acc.v[r][u]);
     }
   }
   HEADWISE_UNROLL
@@ -343,7 +343,7 @@ HEADWISE_ALWAYS_INLINE void mma_ab_rows_loop(float* o, std::ptrdiff_t ld_o, cons
     for (int r = 0; r < Rows; ++r) {
       const B p_bc(p_at(r, j));  // broadcast P(r, j)
       HEADWISE_UNROLL
-      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = xsimd::fma(p_bc, v_reg.v[u], acc.v[r][u]);
+      for (int u = 0; u < Vecs; ++u) acc.v[r][u] = tile::fma<Arch>(p_bc, v_reg.v[u], acc.v[r][u]);
     }
   }
   HEADWISE_UNROLL
@@ -616,7 +616,7 @@ inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_
         B qv = B::load_aligned(q + r * ld_q + c);
         keep_in_register(qv);
         HEADWISE_UNROLL
-        for (int u = 0; u < KU; ++u) a.v[r][u] = xsimd::fma(qv, x.v[u], a.v[r][u]);
+        for (int u = 0; u < KU; ++u) a.v[r][u] = tile::fma<Arch>(qv, x.v[u], a.v[r][u]);
       }
     };
     for (std::ptrdiff_t c = 0; c < full; c += w) step(c, [](const T* p) { return load_as_float<Arch>(p); });
@@ -651,12 +651,12 @@ inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_
     for (std::ptrdiff_t c = 0; c < full; c += w) {
       const B x0 = load_as_float<Arch>(k0 + c);
       HEADWISE_UNROLL
-      for (int r = 0; r < Rows; ++r) a.v[r] = xsimd::fma(B::load_aligned(q + r * ld_q + c), x0, a.v[r]);
+      for (int r = 0; r < Rows; ++r) a.v[r] = tile::fma<Arch>(B::load_aligned(q + r * ld_q + c), x0, a.v[r]);
     }
     if (tail > 0) {
       const B x0 = load_as_float_partial<Arch>(k0 + full, tail);
       HEADWISE_UNROLL
-      for (int r = 0; r < Rows; ++r) a.v[r] = xsimd::fma(B::load_aligned(q + r * ld_q + full), x0, a.v[r]);
+      for (int r = 0; r < Rows; ++r) a.v[r] = tile::fma<Arch>(B::load_aligned(q + r * ld_q + full), x0, a.v[r]);
     }
     HEADWISE_UNROLL
     for (int r = 0; r < Rows; ++r) {

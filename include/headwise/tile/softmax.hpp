@@ -68,7 +68,7 @@ inline void softmax_update(float* s, std::ptrdiff_t ld_s, std::ptrdiff_t n, std:
     const B a = exp2_softmax<Arch>(m_old - m_ref);
     // P = 2^(S - m'), Σ P
     const B sum = exp2_store_sum<Arch>(sv, ld_s, n, m_ref);
-    const B l_new = xsimd::fma(a, B::load_aligned(l + v * w), sum);
+    const B l_new = tile::fma<Arch>(a, B::load_aligned(l + v * w), sum);
     l_new.store_aligned(l + v * w);
     m_new.store_aligned(m + v * w);
     a.store_aligned(alpha + v * w);

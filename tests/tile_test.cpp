@@ -487,6 +487,87 @@ TEST(Softmax, UpdateAndFinalizeMatchScalarOnlineSoftmax) {
   }
 }
 
+// Key-lane step (softmax_update_rows, the decode path's): rows of keys, each row's state in
+// m/l[r], row counts below, at and past the lane count; the floats after the last row's state
+// are neither read into it nor written.
+TEST(Softmax, KeyLaneRowsUpdateMatchesScalarOnlineSoftmax) {
+  std::mt19937_64 gen(29);
+  std::uniform_real_distribution<float> val(-30.0f, 30.0f);
+  for (const std::ptrdiff_t rows : {std::ptrdiff_t{1}, std::ptrdiff_t{3}, std::ptrdiff_t{4}, std::ptrdiff_t{W},
+                                    std::ptrdiff_t{W + 3}, std::ptrdiff_t{2 * W + 1}}) {
+    const int tiles = 6;
+    const std::ptrdiff_t ns[tiles] = {1, 7, W, 3, 2 * W + 1, 16};
+    const std::ptrdiff_t ld = 3 * W + W;  // past the widest tile's padded length: never touched
+    avec m(static_cast<std::size_t>(rows + W), 777.0f), l(m.size(), 777.0f), alpha(static_cast<std::size_t>(rows));
+    std::vector<int> kind(static_cast<std::size_t>(rows));  // as in the test above
+    for (std::ptrdiff_t r = 0; r < rows; ++r) kind[static_cast<std::size_t>(r)] = static_cast<int>((r * 7 + 1) % 5);
+    for (std::ptrdiff_t r = 0; r < rows; ++r) {
+      const bool sink = kind[static_cast<std::size_t>(r)] == 3;
+      m[static_cast<std::size_t>(r)] = sink ? 3.0f * 1.4426950408889634f : -kInf;
+      l[static_cast<std::size_t>(r)] = sink ? 1.0f : 0.0f;
+    }
+    for (int t = 0; t < tiles; ++t) {
+      const std::ptrdiff_t n = ns[t], padded = (n + W - 1) / W * W;
+      avec s(static_cast<std::size_t>(rows * ld), 555.0f);
+      for (std::ptrdiff_t r = 0; r < rows; ++r)
+        for (std::ptrdiff_t j = 0; j < n; ++j) {
+          float x = val(gen);
+          const int k = kind[static_cast<std::size_t>(r)];
+          if (k == 1 || (k == 2 && t < 2) || (k == 3 && t == 1) || (k == 4 && gen() % 3 == 0)) x = -kInf;
+          s[static_cast<std::size_t>(r * ld + j)] = x;
+        }
+      const avec s_in = s, m_old = m, l_old = l;
+      tile::softmax_update_rows<A>(s.data(), ld, rows, n, m.data(), l.data(), alpha.data());
+      for (std::ptrdiff_t r = 0; r < rows; ++r) {
+        const std::size_t R = static_cast<std::size_t>(r);
+        float want_m = m_old[R];
+        for (std::ptrdiff_t j = 0; j < n; ++j) want_m = std::max(want_m, s_in[static_cast<std::size_t>(r * ld + j)]);
+        ASSERT_EQ(m[R], want_m) << "rows " << rows << " tile " << t << " row " << r;
+        const float m_ref = want_m == -kInf ? 0.0f : want_m;
+        const double a_want = static_cast<double>(exp2l(static_cast<long double>(m_old[R] - m_ref)));
+        EXPECT_NEAR(alpha[R], a_want, tile::exp2_rel_error_bound * a_want) << "alpha, row " << r;
+        double psum = 0;
+        for (std::ptrdiff_t j = 0; j < n; ++j) {
+          const float x = s_in[static_cast<std::size_t>(r * ld + j)];
+          const float p = s[static_cast<std::size_t>(r * ld + j)];
+          psum += p;
+          if (x == -kInf) {
+            ASSERT_EQ(p, 0.0f) << "P of a -inf score, row " << r;
+          } else {
+            const double p_want = static_cast<double>(exp2l(static_cast<long double>(x - m_ref)));
+            EXPECT_NEAR(p, p_want, tile::exp2_rel_error_bound * p_want) << "P row " << r << " key " << j;
+          }
+        }
+        for (std::ptrdiff_t j = n; j < padded; ++j)  // the pad keys of the last vector: P = 0
+          ASSERT_EQ(s[static_cast<std::size_t>(r * ld + j)], 0.0f) << "pad key " << j << " row " << r;
+        for (std::ptrdiff_t j = padded; j < ld; ++j)  // past it: untouched
+          ASSERT_EQ(s[static_cast<std::size_t>(r * ld + j)], 555.0f) << "column " << j << " row " << r;
+        const double l_want = static_cast<double>(alpha[R]) * l_old[R] + psum;
+        EXPECT_NEAR(l[R], l_want, static_cast<double>(n + 2) * std::ldexp(1.0, -24) * l_want)
+            << "l, rows " << rows << " tile " << t << " row " << r;
+        if (kind[R] == 1) {  // never a finite score: the empty state, α = 0 against m_ref = 0
+          EXPECT_EQ(m[R], -kInf);
+          EXPECT_EQ(l[R], 0.0f);
+          EXPECT_EQ(alpha[R], 0.0f);
+        }
+      }
+      for (std::size_t i = static_cast<std::size_t>(rows); i < m.size(); ++i) {  // the pad stays as it was
+        ASSERT_EQ(m[i], 777.0f);
+        ASSERT_EQ(l[i], 777.0f);
+      }
+    }
+  }
+}
+
+// tile::fma rounds once: (1 + 2^-12)² - (1 + 2^-11) is 2^-24 fused and 0 as a multiply and an add
+// (the product rounds to 1 + 2^-11), on every lane, whatever the compiler's contraction setting.
+TEST(Fma, RoundsOnce) {
+  const float a = 1.0f + std::ldexp(1.0f, -12), c = -(1.0f + std::ldexp(1.0f, -11));
+  alignas(64) float out[W];
+  tile::fma<A>(Batch(a), Batch(a), Batch(c)).store_aligned(out);
+  for (int i = 0; i < W; ++i) EXPECT_EQ(out[i], std::ldexp(1.0f, -24)) << "lane " << i;
+}
+
 TEST(Softmax, FinalizeEmptyAndSingle) {
   const tile::softmax_result e = tile::softmax_finalize(-kInf, 0.0f);
   EXPECT_EQ(e.inv_l, 0.0f);

@@ -41,7 +41,8 @@ inline void check_mla(const checker& c, const attention_options& opt, std::int64
                       const std::string& latent_arg, std::int64_t d_c, const std::string& out_arg) {
   c.require(opt.scale.has_value(), "options.scale",
             "an explicit softmax scale for MLA: (qk_nope + qk_rope)^-0.5 times YaRN's mscale^2, e.g. "
-            "headwise::model::mla_softmax_scale() (1/sqrt(d_c + d_rope) would be wrong)",
+            "headwise::model::mla_softmax_scale(qk_nope, qk_rope, yarn, max_seq_len) (1/sqrt(d_c + d_rope) would be "
+            "wrong)",
             "none");
   c.equal(latent_dim, dim_qk, latent_arg + " (d_c + d_rope)", "the queries' dim_qk");
   c.require(d_c >= 1 && d_c <= dim_qk, out_arg + " (d_c)",

@@ -41,11 +41,18 @@ struct arch_traits {
   static constexpr std::size_t alignment = Arch::alignment();
 };
 
-/// a·b + c with one rounding, on every arch. xsimd 8.1 has no AVX-512 kernel for xsimd::fma:
-/// its generic fallback computes x * y + z through the batch operators, which GCC contracts
-/// into one FMA (-ffp-contract=fast) and clang does not (-ffp-contract=on stops at the
-/// operator calls), so a clang build ran a multiply and an add for every FMA of every kernel:
-/// half the FMA peak, and different bits from a GCC build.
+/// Whether Arch has fused multiply-add instructions (AVX-512, or FMA3 with SSE4.2/AVX/AVX2).
+template <class Arch>
+inline constexpr bool has_fma_v = is_avx512_v<Arch> || std::is_base_of_v<xsimd::fma3<xsimd::sse4_2>, Arch> ||
+                                  std::is_base_of_v<xsimd::fma3<xsimd::avx>, Arch> ||
+                                  std::is_base_of_v<xsimd::fma3<xsimd::avx2>, Arch>;
+
+/// a·b + c, with one rounding on every arch that has FMA instructions (has_fma_v; elsewhere,
+/// e.g. SSE2 or AVX2 without -mfma, xsimd::fma's multiply and add). xsimd 8.1 has no AVX-512
+/// kernel for xsimd::fma: its generic fallback computes x * y + z through the batch operators,
+/// which GCC contracts into one FMA (-ffp-contract=fast) and clang does not
+/// (-ffp-contract=on stops at the operator calls), so a clang build ran a multiply and an add
+/// for every FMA of every kernel: half the FMA peak, and different bits from a GCC build.
 template <class Arch>
 inline xsimd::batch<float, Arch> fma(xsimd::batch<float, Arch> a, xsimd::batch<float, Arch> b,
                                      xsimd::batch<float, Arch> c) noexcept {

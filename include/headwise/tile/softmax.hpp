@@ -164,7 +164,8 @@ inline float reduce_max(xsimd::batch<float, Arch> x) noexcept {
 
 /// Key-lane online-softmax step on a (rows, ld_s) row-major tile of n keys (n <= ld_s): for
 /// each row r, m' = max(m, max_j S[r][j]), α = 2^(m - m'), P = 2^(S - m'), l' = α·l + Σ P.
-/// Columns n..ld_s are set to P = 0. m, l, alpha: one float per row.
+/// Columns n..round_up(n, lanes) are set to P = 0, the rest of each row is not touched. m, l,
+/// alpha: one float per row.
 template <class Arch>
 inline void softmax_update_rows(float* s, std::ptrdiff_t ld_s, std::ptrdiff_t rows, std::ptrdiff_t n, float* m,
                                 float* l, float* alpha) noexcept {

@@ -398,6 +398,19 @@ TEST(ToF16, MatchesIndependentRoundingOnRandomFloats) {
 // softmax_update / softmax_finalize against a scalar double online softmax
 // =============================================================================================
 
+// Row/lane kinds of the online-softmax tests: 0 ordinary; 1 fully -inf forever; 2 -inf in the
+// first two tiles; 3 starts with a sink state (m = 3·log2e, l = 1) and sees only -inf in tile 1;
+// 4 sparse -inf entries.
+void softmax_initial_state(int kind, float& m, float& l) {
+  m = kind == 3 ? 3.0f * 1.4426950408889634f : -kInf;
+  l = kind == 3 ? 1.0f : 0.0f;
+}
+/// Score for a row of `kind` in tile t: a draw from val, or -inf where the kind says so.
+float softmax_test_score(int kind, int t, std::mt19937_64& gen, std::uniform_real_distribution<float>& val) {
+  const float x = val(gen);
+  return kind == 1 || (kind == 2 && t < 2) || (kind == 3 && t == 1) || (kind == 4 && gen() % 3 == 0) ? -kInf : x;
+}
+
 TEST(Softmax, UpdateAndFinalizeMatchScalarOnlineSoftmax) {
   std::mt19937_64 gen(23);
   std::uniform_real_distribution<float> val(-30.0f, 30.0f);
@@ -406,27 +419,18 @@ TEST(Softmax, UpdateAndFinalizeMatchScalarOnlineSoftmax) {
     const int tiles = 5;
     const std::ptrdiff_t ns[tiles] = {1, 7, 16, 3, 33};
     avec m(static_cast<std::size_t>(lanes)), l(m.size()), alpha(m.size());
-    // Lane kinds: 0 ordinary; 1 fully -inf forever; 2 -inf in the first two tiles; 3 starts with
-    // a sink state (m = 3·log2e, l = 1) and sees only -inf in tile 1; 4 sparse -inf entries.
     std::vector<int> kind(static_cast<std::size_t>(lanes));
     for (std::ptrdiff_t r = 0; r < lanes; ++r) kind[static_cast<std::size_t>(r)] = static_cast<int>(r % 5);
     std::vector<double> dm(m.size()), dl(m.size());  // double reference state (log2 domain)
     std::vector<std::vector<float>> seen(m.size());   // every score of the lane, for the final check
-    for (std::ptrdiff_t r = 0; r < lanes; ++r) {
-      const bool sink = kind[static_cast<std::size_t>(r)] == 3;
-      m[static_cast<std::size_t>(r)] = sink ? 3.0f * 1.4426950408889634f : -kInf;
-      l[static_cast<std::size_t>(r)] = sink ? 1.0f : 0.0f;
-    }
+    for (std::ptrdiff_t r = 0; r < lanes; ++r)
+      softmax_initial_state(kind[static_cast<std::size_t>(r)], m[static_cast<std::size_t>(r)], l[static_cast<std::size_t>(r)]);
     for (int t = 0; t < tiles; ++t) {
       const std::ptrdiff_t n = ns[t];
       avec s(static_cast<std::size_t>(n * ld), 555.0f);
       for (std::ptrdiff_t j = 0; j < n; ++j)
-        for (std::ptrdiff_t r = 0; r < lanes; ++r) {
-          float x = val(gen);
-          const int k = kind[static_cast<std::size_t>(r)];
-          if (k == 1 || (k == 2 && t < 2) || (k == 3 && t == 1) || (k == 4 && gen() % 3 == 0)) x = -kInf;
-          s[static_cast<std::size_t>(j * ld + r)] = x;
-        }
+        for (std::ptrdiff_t r = 0; r < lanes; ++r)
+          s[static_cast<std::size_t>(j * ld + r)] = softmax_test_score(kind[static_cast<std::size_t>(r)], t, gen, val);
       const avec s_in = s;
       const avec m_old = m, l_old = l;
       tile::softmax_update<A>(s.data(), ld, n, nvec, m.data(), l.data(), alpha.data());
@@ -499,23 +503,17 @@ TEST(Softmax, KeyLaneRowsUpdateMatchesScalarOnlineSoftmax) {
     const std::ptrdiff_t ns[tiles] = {1, 7, W, 3, 2 * W + 1, 16};
     const std::ptrdiff_t ld = 3 * W + W;  // past the widest tile's padded length: never touched
     avec m(static_cast<std::size_t>(rows + W), 777.0f), l(m.size(), 777.0f), alpha(static_cast<std::size_t>(rows));
-    std::vector<int> kind(static_cast<std::size_t>(rows));  // as in the test above
-    for (std::ptrdiff_t r = 0; r < rows; ++r) kind[static_cast<std::size_t>(r)] = static_cast<int>((r * 7 + 1) % 5);
+    std::vector<int> kind(static_cast<std::size_t>(rows));
     for (std::ptrdiff_t r = 0; r < rows; ++r) {
-      const bool sink = kind[static_cast<std::size_t>(r)] == 3;
-      m[static_cast<std::size_t>(r)] = sink ? 3.0f * 1.4426950408889634f : -kInf;
-      l[static_cast<std::size_t>(r)] = sink ? 1.0f : 0.0f;
+      kind[static_cast<std::size_t>(r)] = static_cast<int>((r * 7 + 1) % 5);
+      softmax_initial_state(kind[static_cast<std::size_t>(r)], m[static_cast<std::size_t>(r)], l[static_cast<std::size_t>(r)]);
     }
     for (int t = 0; t < tiles; ++t) {
       const std::ptrdiff_t n = ns[t], padded = (n + W - 1) / W * W;
       avec s(static_cast<std::size_t>(rows * ld), 555.0f);
       for (std::ptrdiff_t r = 0; r < rows; ++r)
-        for (std::ptrdiff_t j = 0; j < n; ++j) {
-          float x = val(gen);
-          const int k = kind[static_cast<std::size_t>(r)];
-          if (k == 1 || (k == 2 && t < 2) || (k == 3 && t == 1) || (k == 4 && gen() % 3 == 0)) x = -kInf;
-          s[static_cast<std::size_t>(r * ld + j)] = x;
-        }
+        for (std::ptrdiff_t j = 0; j < n; ++j)
+          s[static_cast<std::size_t>(r * ld + j)] = softmax_test_score(kind[static_cast<std::size_t>(r)], t, gen, val);
       const avec s_in = s, m_old = m, l_old = l;
       tile::softmax_update_rows<A>(s.data(), ld, rows, n, m.data(), l.data(), alpha.data());
       for (std::ptrdiff_t r = 0; r < rows; ++r) {

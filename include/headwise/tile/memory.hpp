@@ -82,6 +82,75 @@ inline xsimd::batch<float, Arch> load_as_float(const T* p) noexcept {
   }
 }
 
+/// bf16 rows in pair order. A 32-bit word of bf16 storage holds an even element in its low half
+/// and the next odd element in its high half, so a shift and a mask (one µop each) widen a
+/// vector of words into the evens and the odds, where load_as_float spends a widening shuffle
+/// (port 5 on Intel cores, beside the FMAs) and a shift per vector. The key-lane kernels read
+/// bf16 K and V this way (docs/benchmarks.md, "2026-12-07 (late night)"); their f32 operands (Q) and
+/// results (O) are then in pair order: in each whole group of 2·lanes elements of a row, the
+/// even elements, then the odd ones. Elements past the last whole group keep their places.
+template <class T>
+inline constexpr bool pair_order_v = std::is_same_v<T, bf16>;
+
+/// The elements of an n-element row that are in pair order: whole groups of 2·lanes.
+template <class Arch>
+constexpr std::ptrdiff_t pair_span(std::ptrdiff_t n) noexcept {
+  constexpr std::ptrdiff_t g = 2 * static_cast<std::ptrdiff_t>(xsimd::batch<float, Arch>::size);
+  return n / g * g;
+}
+
+/// Where element d (< pair_span(n)) of a row sits in pair order.
+template <class Arch>
+constexpr std::ptrdiff_t pair_position(std::ptrdiff_t d) noexcept {
+  constexpr std::ptrdiff_t w = static_cast<std::ptrdiff_t>(xsimd::batch<float, Arch>::size);
+  return d / (2 * w) * (2 * w) + (d % 2) * w + (d % (2 * w)) / 2;
+}
+
+/// Reorders row[0, n) in place from pair order back to element order (the inverse of
+/// pair_position on pair_span(n); the rest is untouched).
+template <class Arch>
+inline void from_pair_order(float* row, std::ptrdiff_t n) noexcept {
+  constexpr std::ptrdiff_t w = static_cast<std::ptrdiff_t>(xsimd::batch<float, Arch>::size);
+  float buf[2 * w];
+  for (std::ptrdiff_t g = 0; g < pair_span<Arch>(n); g += 2 * w) {
+    std::memcpy(buf, row + g, sizeof buf);
+    for (std::ptrdiff_t i = 0; i < w; ++i) {
+      row[g + 2 * i] = buf[i];
+      row[g + 2 * i + 1] = buf[w + i];
+    }
+  }
+}
+
+/// 2·lanes bf16 elements at p -> their even elements (0, 2, ...) in `even` and odd elements
+/// (1, 3, ...) in `odd`, as f32 (exact): pair order.
+template <class Arch>
+inline void load_bf16_pairs(const bf16* p, xsimd::batch<float, Arch>& even, xsimd::batch<float, Arch>& odd) noexcept {
+  using B = xsimd::batch<float, Arch>;
+#if XSIMD_WITH_AVX512F
+  if constexpr (is_avx512_v<Arch>) {
+    const __m512i x = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    return;
+  }
+#endif
+#if XSIMD_WITH_AVX2
+  if constexpr (B::size == 8 && std::is_base_of_v<xsimd::avx2, Arch>) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    return;
+  }
+#endif
+  alignas(64) float e[B::size], o[B::size];
+  for (std::size_t i = 0; i < B::size; ++i) {
+    e[i] = to_float(p[2 * i]);
+    o[i] = to_float(p[2 * i + 1]);
+  }
+  even = B::load_aligned(e);
+  odd = B::load_aligned(o);
+}
+
 /// Loads n < lanes storage elements at p as f32, zero-filling the remaining lanes; never reads
 /// past p + n (the tail of a row read in place).
 template <class Arch, class T>

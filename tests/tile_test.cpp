@@ -227,57 +227,6 @@ void check_load_as_float_exhaustive(bool (*is_nan)(std::uint16_t)) {
 TEST(Convert, LoadAsFloatBf16AllBitPatterns) { check_load_as_float_exhaustive<headwise::bf16>(is_nan_bf16); }
 TEST(Convert, LoadAsFloatF16AllBitPatterns) { check_load_as_float_exhaustive<headwise::f16>(is_nan_f16); }
 
-// The pair loads of the key-lane kernels: every bf16 bit pattern, in the even and in the odd
-// place of its word, comes back as to_float's value (a NaN as a NaN); the buffer is offset by
-// one element so that the loads are unaligned.
-TEST(Convert, LoadBf16PairsAllBitPatternsInBothHalves) {
-  for (const std::size_t shift : {0u, 1u}) {
-    std::vector<headwise::bf16> all(65536 + 4 * W);
-    for (std::size_t i = 0; i < all.size(); ++i)
-      all[i] = headwise::bf16{static_cast<std::uint16_t>((i + 65536 - shift) & 0xFFFF)};
-    std::size_t bad = 0;
-    alignas(64) float even[W], odd[W];
-    for (std::size_t i = 1; i + 2 * W <= all.size(); i += 2 * W) {
-      Batch e, o;
-      tile::load_bf16_pairs<A>(all.data() + i, e, o);
-      e.store_aligned(even);
-      o.store_aligned(odd);
-      for (int l = 0; l < 2 * W; ++l) {
-        const headwise::bf16 x = all[i + static_cast<std::size_t>(l)];
-        const float got = l % 2 == 0 ? even[l / 2] : odd[l / 2];
-        const bool ok = is_nan_bf16(x.bits) ? std::isnan(got) : bits(got) == bits(headwise::to_float(x));
-        if (!ok && bad++ < 5) ADD_FAILURE() << "bits 0x" << std::hex << x.bits << " at " << std::dec << l << ": got " << got;
-      }
-    }
-    EXPECT_EQ(bad, 0u) << "shift " << shift;
-  }
-}
-
-// Pair order: pair_position is a permutation of each whole group of 2·W, elements past the last
-// group stay, and from_pair_order undoes it.
-TEST(Convert, PairOrderIsAPermutationAndFromPairOrderUndoesIt) {
-  for (const std::ptrdiff_t n : std::vector<std::ptrdiff_t>{1, W, 2 * W - 1, 2 * W, 2 * W + 1, 3 * W, 8 * W + 3}) {
-    const std::ptrdiff_t span = tile::pair_span<A>(n);
-    EXPECT_EQ(span, n / (2 * W) * (2 * W));
-    std::vector<float> x(static_cast<std::size_t>(n)), y(x.size(), -1.0f);
-    for (std::ptrdiff_t d = 0; d < n; ++d) x[static_cast<std::size_t>(d)] = static_cast<float>(d);
-    for (std::ptrdiff_t d = 0; d < span; ++d) {
-      const std::ptrdiff_t p = tile::pair_position<A>(d);
-      ASSERT_GE(p, d / (2 * W) * (2 * W));
-      ASSERT_LT(p, d / (2 * W) * (2 * W) + 2 * W);
-      EXPECT_EQ(y[static_cast<std::size_t>(p)], -1.0f) << "position " << p << " taken twice, n " << n;
-      y[static_cast<std::size_t>(p)] = x[static_cast<std::size_t>(d)];
-    }
-    for (std::ptrdiff_t d = span; d < n; ++d) y[static_cast<std::size_t>(d)] = x[static_cast<std::size_t>(d)];
-    if (span >= 2 * W) {
-      EXPECT_EQ(y[1], 2.0f);  // evens first
-      EXPECT_EQ(y[static_cast<std::size_t>(W)], 1.0f);  // then odds
-    }
-    tile::from_pair_order<A>(y.data(), n);
-    EXPECT_EQ(y, x) << "n " << n;
-  }
-}
-
 TEST(Convert, ScalarToFloatNaNsAreNaN) {
   for (std::uint32_t h = 0; h < 65536; ++h) {
     if (is_nan_f16(static_cast<std::uint16_t>(h))) {
@@ -916,30 +865,15 @@ struct next_rows_of {
   }
 };
 
-/// Rows (rows x dim at stride ld) as the key-lane kernels take them for storage dtype T: in
-/// pair order for bf16 (tile::pair_position), as they are otherwise.
-template <class T>
-avec in_pair_order(const avec& x, std::ptrdiff_t rows, std::ptrdiff_t ld, std::ptrdiff_t dim) {
-  if constexpr (!tile::pair_order_v<T>) {
-    return x;
-  } else {
-    avec y = x;
-    for (std::ptrdiff_t r = 0; r < rows; ++r)
-      for (std::ptrdiff_t d = 0; d < tile::pair_span<A>(dim); ++d)
-        y[static_cast<std::size_t>(r * ld + tile::pair_position<A>(d))] = x[static_cast<std::size_t>(r * ld + d)];
-    return y;
-  }
-}
-
 /// S is exact on small integers, with and without rows to prefetch (`next`, which must change
-/// nothing). bf16 K is read in pairs (Q in pair order): dims 2·W and up take that path.
+/// nothing).
 template <class T>
 void check_qk_tile_rows() {
   std::mt19937_64 gen(41);
   for (const bool with_next : {false, true}) {
     for (const std::ptrdiff_t rows : {1, 3, 4, 8, 9})
       for (const std::ptrdiff_t n : std::vector<std::ptrdiff_t>{1, 2, 3, W - 1, W, W + 1, 2 * W + 3})
-        for (const std::ptrdiff_t dim : {1, 7, 16, 80, 129, 2 * W, 3 * W, 4 * W + 5}) {
+        for (const std::ptrdiff_t dim : {1, 7, 16, 80, 129}) {
           const std::ptrdiff_t dim_pad = (dim + W - 1) / W * W, ld_q = dim_pad + W, n_pad = (n + W - 1) / W * W;
           const std::ptrdiff_t ld_s = n_pad + W;
           avec q(static_cast<std::size_t>(rows * ld_q), 0.0f), s(static_cast<std::size_t>((rows + 1) * ld_s), 321.0f);
@@ -947,8 +881,7 @@ void check_qk_tile_rows() {
             for (std::ptrdiff_t d = 0; d < dim; ++d) q[static_cast<std::size_t>(r * ld_q + d)] = small_int(gen);
           const scattered_rows<T> k(gen, n, dim);
           const next_rows_of<T> next(gen, n, dim);
-          const avec qk = in_pair_order<T>(q, rows, ld_q, dim);
-          tile::qk_tile_rows<A, T>(s.data(), ld_s, qk.data(), ld_q, k.ptr.data(), rows, n, dim,
+          tile::qk_tile_rows<A, T>(s.data(), ld_s, q.data(), ld_q, k.ptr.data(), rows, n, dim,
                                    with_next ? next.ptr.data() : nullptr);
           for (std::ptrdiff_t r = 0; r <= rows; ++r)
             for (std::ptrdiff_t j = 0; j < ld_s; ++j) {
@@ -978,7 +911,7 @@ void check_pv_tile_rows() {
   for (const bool with_next : {false, true}) {
     for (const std::ptrdiff_t rows : {1, 3, 4, 5, 9})
       for (const std::ptrdiff_t n : std::vector<std::ptrdiff_t>{1, 2, W - 1, W + 1, 2 * W + 3})
-        for (const std::ptrdiff_t vecs : {1, 2, 3, 4, 5, 6, 9}) {
+        for (const std::ptrdiff_t vecs : {1, 2, 4, 5, 9}) {
           const std::ptrdiff_t dv = vecs * W, ld_o = dv + W, ld_p = n + 5;
           avec o(static_cast<std::size_t>((rows + 1) * ld_o), 321.0f), p(static_cast<std::size_t>(rows * ld_p)),
               alpha(static_cast<std::size_t>(rows));
@@ -989,11 +922,8 @@ void check_pv_tile_rows() {
           const scattered_rows<T> v(gen, n, dv);
           const next_rows_of<T> next(gen, n, dv);
           const avec o0 = o;
-          o = in_pair_order<T>(o, rows, ld_o, dv);  // bf16: O in pair order, then back
           tile::pv_tile_rows<A, T>(o.data(), ld_o, alpha.data(), v.ptr.data(), p.data(), ld_p, rows, vecs, n,
                                    with_next ? next.ptr.data() : nullptr);
-          if constexpr (tile::pair_order_v<T>)
-            for (std::ptrdiff_t r = 0; r < rows; ++r) tile::from_pair_order<A>(o.data() + r * ld_o, dv);
           for (std::ptrdiff_t r = 0; r <= rows; ++r)
             for (std::ptrdiff_t c = 0; c < ld_o; ++c) {
               const std::size_t x = static_cast<std::size_t>(r * ld_o + c);

@@ -310,8 +310,6 @@ struct query_lanes {
 /// lanes (tile::qk_tile_rows); P·V broadcasts P and converts V rows as they are loaded.
 /// Buffers: Q (nh·rows, dqk_pad) row-major, zero-padded; O (nh·rows, dv_pad); per head and
 /// tile: S/P (rows, ld_kt); V (block_kv, dv_pad) only when dim_v is not a whole number of vectors.
-/// With bf16 K/V, Q and O rows are in the kernels' pair order (tile::pair_order_v): Q packed so,
-/// O put back in element order by the epilogue (V read in place only).
 template <class Arch>
 struct key_lanes {
   static constexpr std::int64_t w = tile::arch_traits<Arch>::lanes;
@@ -322,15 +320,11 @@ struct key_lanes {
   bool has_next = false;  ///< ws.k_next / v_next hold the rows read after this tile's head
   enum class kind : std::uint8_t { f32, bf16, f16 };
   kind k_kind = kind::f32, v_kind = kind::f32;
-  bool q_pairs, o_pairs;  ///< Q / O rows in pair order (bf16 K / bf16 V read in place)
 
-  /// For K/V stored as KV (the tag's type).
-  template <class KV>
   key_lanes(workspace& s, std::int64_t rows_per_head, std::int64_t heads_, std::int64_t dqk_, std::int64_t dv_,
-            std::int64_t bk, std::type_identity<KV> /*storage*/)
+            std::int64_t bk)
       : ws(s), rows(rows_per_head), nh(heads_), dqk(dqk_), dv(dv_), dqk_pad(tile::round_up(dqk_, w)),
-        dv_pad(tile::round_up(dv_, w)), ld_kt(tile::round_up(bk, w)), q_pairs(tile::pair_order_v<KV>),
-        o_pairs(tile::pair_order_v<KV> && dv_ == dv_pad) {}
+        dv_pad(tile::round_up(dv_, w)), ld_kt(tile::round_up(bk, w)) {}
 
   static void reserve(workspace& s, std::int64_t rows_per_head, std::int64_t heads, std::int64_t dqk,
                       std::int64_t dv, std::int64_t bk) {
@@ -394,11 +388,8 @@ struct key_lanes {
     float* q = ws.q_buf.data();
     for (std::int64_t r = 0; r < nh * rows; ++r) {
       const float* src = row(r);
-      float* dst = q + r * dqk_pad;
-      const std::int64_t span = q_pairs ? tile::pair_span<Arch>(dqk) : 0;
-      for (std::int64_t d = 0; d < span; ++d) dst[tile::pair_position<Arch>(d)] = src[d] * qf;
-      for (std::int64_t d = span; d < dqk; ++d) dst[d] = src[d] * qf;
-      for (std::int64_t d = dqk; d < dqk_pad; ++d) dst[d] = 0.0f;
+      for (std::int64_t d = 0; d < dqk; ++d) q[r * dqk_pad + d] = src[d] * qf;
+      for (std::int64_t d = dqk; d < dqk_pad; ++d) q[r * dqk_pad + d] = 0.0f;
     }
   }
   void zero_o() { std::fill(ws.o_buf.data(), ws.o_buf.data() + nh * rows * dv_pad, 0.0f); }
@@ -469,11 +460,8 @@ struct key_lanes {
   /// query_lanes::out_rows (scale_row_into: scale 0 writes exact zeros).
   void out_rows(std::int64_t h) const {
     for (std::int64_t x = h * rows; x < (h + 1) * rows; ++x)
-      if (float* dst = ws.out_ptr[static_cast<std::size_t>(x)]) {
-        float* o = ws.o_buf.data() + x * dv_pad;
-        if (o_pairs) tile::from_pair_order<Arch>(o, dv_pad);
-        scale_row_into<Arch>(dst, o, ws.out_scale[static_cast<std::size_t>(x)], dv);
-      }
+      if (float* dst = ws.out_ptr[static_cast<std::size_t>(x)])
+        scale_row_into<Arch>(dst, ws.o_buf.data() + x * dv_pad, ws.out_scale[static_cast<std::size_t>(x)], dv);
   }
 };
 

@@ -243,7 +243,7 @@ void run(const problem<QS, KS>& pb, const MaskSpec& ms, const Score& score, cons
     };
     if constexpr (!two_keys) {
       if (wi.keys) {
-        key_lanes<Arch> lay(mine, rows, hkv, pb.dim_qk, dv, bk_k, std::type_identity<KV>{});
+        key_lanes<Arch> lay(mine, rows, hkv, pb.dim_qk, dv, bk_k);
         go(lay, bk_k);
         return;
       }

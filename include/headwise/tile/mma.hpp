@@ -317,9 +317,9 @@ inline void keep_in_register(xsimd::batch<float, Arch>& x) noexcept {
 /// The register-tile loop of both row-major P·V kernels (mma_ab_o_rows, mma_ab_rows):
 /// acc[r][u] = α[r]·O[r][u], then for each key j < n, acc[r][u] += P(r, j)·V(j, u) (one fma per
 /// key, in key order), then O = acc. o: (Rows, ld_o) aligned; row(j): key j's value row (its
-/// first element for these Vecs vectors; may prefetch), load(row, v): its Vecs vectors as
-/// floats into v (a reg_vec), p_at(r, j): P(r, j).
-template <int Rows, int Vecs, class Arch, class Row, class Load, class PAt>
+/// first element for these Vecs vectors; may prefetch), load(row, u): its vector u as floats,
+/// p_at(r, j): P(r, j). PinV keeps the V vectors in registers (keep_in_register).
+template <int Rows, int Vecs, class Arch, bool PinV, class Row, class Load, class PAt>
 HEADWISE_ALWAYS_INLINE void mma_ab_rows_loop(float* o, std::ptrdiff_t ld_o, const float* alpha, std::ptrdiff_t n, Row&& row,
                              Load&& load, PAt&& p_at) noexcept {
   using B = xsimd::batch<float, Arch>;
@@ -334,7 +334,11 @@ HEADWISE_ALWAYS_INLINE void mma_ab_rows_loop(float* o, std::ptrdiff_t ld_o, cons
   for (std::ptrdiff_t j = 0; j < n; ++j) {
     const auto vj = row(j);
     reg_vec<Vecs, Arch> v_reg;  // V[j][these Vecs vectors]
-    load(vj, v_reg);
+    HEADWISE_UNROLL
+    for (int u = 0; u < Vecs; ++u) {
+      v_reg.v[u] = load(vj, u);
+      if constexpr (PinV) keep_in_register(v_reg.v[u]);
+    }
     HEADWISE_UNROLL
     for (int r = 0; r < Rows; ++r) {
       const B p_bc(p_at(r, j));  // broadcast P(r, j)
@@ -361,14 +365,13 @@ inline void mma_ab_o_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, con
                           const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n, int tail) noexcept {
   using B = xsimd::batch<float, Arch>;
   constexpr std::ptrdiff_t w = B::size;
-  mma_ab_rows_loop<Rows, Vecs, Arch>(
+  mma_ab_rows_loop<Rows, Vecs, Arch, true>(
       o, ld_o, alpha, n, [&](std::ptrdiff_t j) { return v + j * ld_v; },
-      [&](const float* x, reg_vec<Vecs, Arch>& r) {
-        HEADWISE_UNROLL
-        for (int u = 0; u < Vecs; ++u) {
-          r.v[u] = Tail && u == Vecs - 1 ? load_partial<Arch>(x + u * w, tail) : B::load_unaligned(x + u * w);
-          keep_in_register(r.v[u]);
+      [&](const float* x, int u) {
+        if constexpr (Tail) {
+          if (u == Vecs - 1) return load_partial<Arch>(x + u * w, tail);
         }
+        return B::load_unaligned(x + u * w);
       },
       [&](int r, std::ptrdiff_t j) { return p[j * ld_p + r]; });
 }
@@ -417,15 +420,13 @@ inline void pv_tile_o_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, co
 /// rows and Vecs vectors of value dims, over n keys. o: (Rows, ld_o) aligned; p: (Rows, ld_p);
 /// v[j]: key j's value row in its storage dtype T, read in place (converted as loaded; any
 /// row order: dense, paged or gathered), Vecs full vectors from element c0; alpha: Rows.
-/// When T is bf16 (pair_order_v), c0 is a multiple of 2·lanes and O is in pair order: each two
-/// vectors of V come from one load_bf16_pairs (a last odd vector from load_as_float).
 /// next (optional): rows read after these (nullptr entries: none); with key j, the same
 /// elements of next[j] are prefetched into L2, so the fetch runs alongside the FMAs.
 template <int Rows, int Vecs, class Arch, class T>
 inline void mma_ab_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const void* const* v, std::ptrdiff_t c0,
                         const float* p, std::ptrdiff_t ld_p, std::ptrdiff_t n, const void* const* next) noexcept {
   constexpr std::ptrdiff_t w = arch_traits<Arch>::lanes;
-  mma_ab_rows_loop<Rows, Vecs, Arch>(
+  mma_ab_rows_loop<Rows, Vecs, Arch, false>(
       o, ld_o, alpha, n,
       [&](std::ptrdiff_t j) {
         const T* vj = static_cast<const T*>(v[j]) + c0;
@@ -433,15 +434,7 @@ inline void mma_ab_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const
           prefetch_l2(static_cast<const T*>(next[j]) + c0, Vecs * w * static_cast<std::ptrdiff_t>(sizeof(T)));
         return vj;
       },
-      [](const T* x, reg_vec<Vecs, Arch>& r) {
-        int u = 0;
-        if constexpr (pair_order_v<T>) {
-          HEADWISE_UNROLL
-          for (; u + 2 <= Vecs; u += 2) load_bf16_pairs<Arch>(x + u * w, r.v[u], r.v[u + 1]);
-        }
-        HEADWISE_UNROLL
-        for (; u < Vecs; ++u) r.v[u] = load_as_float<Arch>(x + u * w);
-      },
+      [](const T* x, int u) { return load_as_float<Arch>(x + u * w); },
       [&](int r, std::ptrdiff_t j) { return p[r * ld_p + j]; });
 }
 
@@ -455,8 +448,7 @@ constexpr std::array<mma_ab_rows_fn, sizeof...(I)> make_ab_rows(std::index_seque
 }  // namespace detail
 
 /// Key-lane P·V over a whole tile: rows x (dv_vecs vectors of value dims), n keys; v[j] is key
-/// j's value row in storage dtype VT; O in pair order when VT is bf16 (pair_order_v, over
-/// pair_span of dv_vecs·lanes); next (optional, n entries): rows to prefetch into L2
+/// j's value row in storage dtype VT; next (optional, n entries): rows to prefetch into L2
 /// (mma_ab_rows), once.
 template <class Arch, class VT>
 inline void pv_tile_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, const void* const* v, const float* p,
@@ -464,7 +456,6 @@ inline void pv_tile_rows(float* o, std::ptrdiff_t ld_o, const float* alpha, cons
                          const void* const* next = nullptr) noexcept {
   using T = arch_traits<Arch>;
   constexpr int R = T::vregs >= 32 ? 4 : 2, V = T::vregs >= 32 ? 4 : 4;
-  static_assert(V % 2 == 0, "pv_tile_rows: blocks of whole pairs of vectors (pair order)");
   static constexpr auto table = detail::make_ab_rows<Arch, VT, R, V>(std::make_index_sequence<R * V>{});
   for (std::ptrdiff_t r0 = 0; r0 < rows; r0 += R) {
     const std::ptrdiff_t nr = std::min<std::ptrdiff_t>(R, rows - r0);
@@ -576,18 +567,16 @@ inline xsimd::batch<float, Arch> fold_lanes(const xsimd::batch<float, Arch>* v) 
 
 /// Key-lane S = Q·Kᵀ for Rows query rows and n <= lanes keys: S[r][j] = Σ_d Q[r][d]·K[j][d]
 /// for j < n, 0 for n <= j < lanes. q: (Rows, ld_q) aligned, zero-padded to whole vectors past
-/// dim, in pair order when T is bf16 (pair_order_v: K read by load_bf16_pairs); k[j]: key j's
-/// row in its storage dtype T, read in place (converted as loaded, never transposed; any row
-/// order). Each (row, key) dot product accumulates along the row in one vector; the lanes
-/// vectors of a row fold into one vector of S (fold_lanes). next (optional): rows read after
-/// these (nullptr entries: none), prefetched into L2 as keys j are computed.
+/// dim; k[j]: key j's row in its storage dtype T, read in place (converted as loaded, never
+/// transposed; any row order). Each (row, key) dot product accumulates along the row in one vector;
+/// the lanes vectors of a row fold into one vector of S (fold_lanes). next (optional): rows
+/// read after these (nullptr entries: none), prefetched into L2 as keys j are computed.
 template <int Rows, class Arch, class T>
 inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_t ld_q, const void* const* k,
                     std::ptrdiff_t n, std::ptrdiff_t dim, const void* const* next) noexcept {
   using B = xsimd::batch<float, Arch>;
   constexpr std::ptrdiff_t w = B::size;
   const std::ptrdiff_t full = dim / w * w;
-  const std::ptrdiff_t span = pair_order_v<T> ? pair_span<Arch>(dim) : 0;  // dims read in pairs
   const int tail = static_cast<int>(dim - full);
   const std::ptrdiff_t row_bytes = dim * static_cast<std::ptrdiff_t>(sizeof(T));
   auto prefetch_next = [&](std::ptrdiff_t j) {
@@ -630,23 +619,7 @@ inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_
         for (int u = 0; u < KU; ++u) a.v[r][u] = tile::fma<Arch>(qv, x.v[u], a.v[r][u]);
       }
     };
-    if constexpr (pair_order_v<T>) {
-      // 2·lanes dims per step: the evens, then the odds, each against its half of Q.
-      for (std::ptrdiff_t c = 0; c < span; c += 2 * w) {
-        reg_vec<KU, Arch> e, o;
-        HEADWISE_UNROLL
-        for (int u = 0; u < KU; ++u) load_bf16_pairs<Arch>(kr[u] + c, e.v[u], o.v[u]);
-        HEADWISE_UNROLL
-        for (int r = 0; r < Rows; ++r) {
-          B qe = B::load_aligned(q + r * ld_q + c), qo = B::load_aligned(q + r * ld_q + c + w);
-          keep_in_register(qe);
-          keep_in_register(qo);
-          HEADWISE_UNROLL
-          for (int u = 0; u < KU; ++u) a.v[r][u] = tile::fma<Arch>(qo, o.v[u], tile::fma<Arch>(qe, e.v[u], a.v[r][u]));
-        }
-      }
-    }
-    for (std::ptrdiff_t c = span; c < full; c += w) step(c, [](const T* p) { return load_as_float<Arch>(p); });
+    for (std::ptrdiff_t c = 0; c < full; c += w) step(c, [](const T* p) { return load_as_float<Arch>(p); });
     if (tail > 0) step(full, [tail](const T* p) { return load_as_float_partial<Arch>(p, tail); });
 #if XSIMD_WITH_AVX512F
     if constexpr (quads) {
@@ -675,17 +648,7 @@ inline void qk_rows(float* s, std::ptrdiff_t ld_s, const float* q, std::ptrdiff_
     for (int r = 0; r < Rows; ++r) a.v[r] = B(0.0f);
     const T* k0 = static_cast<const T*>(k[j]);
     prefetch_next(j);
-    if constexpr (pair_order_v<T>) {
-      for (std::ptrdiff_t c = 0; c < span; c += 2 * w) {
-        B e, o;
-        load_bf16_pairs<Arch>(k0 + c, e, o);
-        HEADWISE_UNROLL
-        for (int r = 0; r < Rows; ++r)
-          a.v[r] = tile::fma<Arch>(B::load_aligned(q + r * ld_q + c + w), o,
-                                   tile::fma<Arch>(B::load_aligned(q + r * ld_q + c), e, a.v[r]));
-      }
-    }
-    for (std::ptrdiff_t c = span; c < full; c += w) {
+    for (std::ptrdiff_t c = 0; c < full; c += w) {
       const B x0 = load_as_float<Arch>(k0 + c);
       HEADWISE_UNROLL
       for (int r = 0; r < Rows; ++r) a.v[r] = tile::fma<Arch>(B::load_aligned(q + r * ld_q + c), x0, a.v[r]);

@@ -1,7 +1,7 @@
 // Decode (short queries against long caches) and split-KV:
 //   * decode against the fp64 reference: seq_q {1, 2, 4, 16} x seq_kv {1 .. 5000}, GQA 32/8,
-//     MHA 8/8, MQA 8/1, dims 64/80/128 and 576/512 (bf16 also 20-160: the pair-order edges),
-//     bottom-right causal, windows + sinks, sink logits, softcap, f32/bf16/f16 K/V (the
+//     MHA 8/8, MQA 8/1, dims 64/80/128 and 576/512 (bf16 also 20 to 144: odd vector counts,
+//     tails), bottom-right causal, windows + sinks, sink logits, softcap, f32/bf16/f16 K/V (the
 //     reference reads the same stored bf16/f16 values);
 //   * split-KV + merge == one pass, for several split sizes and decode tile sizes, and bitwise
 //     independent of the thread count;
@@ -144,15 +144,13 @@ std::vector<decode_case> decode_cases() {
   v.push_back({f32, 1, 4, 63, 8, 1, 128, 128, extra::plain});
   v.push_back({bf16, 3, 2, 129, 8, 1, 128, 128, extra::plain});
   v.push_back({f16, 1, 16, 1000, 8, 1, 64, 64, extra::plain});
-  // bf16 K/V are read in pairs of vectors, Q and O in pair order (tile::load_bf16_pairs): dims
-  // with a last lone vector (48 on AVX-512; 160 = two 4-vector blocks of P·V, the second lone),
-  // a tail after the pairs (40), none read in pairs (20), and dim_v not a whole number of
-  // vectors (V converted to f32, O in element order while Q is in pair order: 40x72, 20x36).
-  // At most 4 rows per KV head: key lanes on AVX-512 and AVX2.
+  // bf16 key-lane decode (at most 4 rows per KV head: key lanes on AVX-512 and AVX2) at dims of
+  // an odd number of AVX-512 vectors (48, 144) or with a tail (40, 20), and with dim_v not a
+  // whole number of vectors (72, 36: V converted to f32).
   v.push_back({bf16, 1, 1, 1000, 8, 2, 48, 48, extra::plain});
   v.push_back({bf16, 1, 2, 129, 4, 2, 40, 72, extra::plain});
   v.push_back({bf16, 1, 1, 65, 4, 4, 20, 36, extra::plain});
-  v.push_back({bf16, 1, 1, 1000, 4, 1, 96, 160, extra::plain});
+  v.push_back({bf16, 1, 1, 1000, 4, 1, 96, 144, extra::plain});
   // MLA-absorbed shape (dim_qk 576, dim_v 512), once.
   v.push_back({bf16, 1, 1, 1000, 16, 1, 576, 512, extra::plain});
   // Windows + sink tokens, sink logits, softcap, no causal mask.
